@@ -1,0 +1,8 @@
+"""onnxmodcap: post-training quantization of ONNX vision CNNs with block reconstruction."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("onnxmodcap")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"

@@ -1,0 +1,34 @@
+"""ONNX Runtime sessions with an explicit execution provider (CUDA when it loads, else CPU)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from .errors import UserError
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceSession:
+    """Open `model` (a path or serialized bytes) on the requested provider.
+
+    `auto` takes CUDA when onnxruntime can load it and falls back to CPU; the provider that
+    actually runs is `session_provider(session)`.
+    """
+    if provider not in ("auto", *PROVIDERS):
+        raise UserError(f"unknown provider {provider!r}: choose auto, cuda or cpu")
+    available = ort.get_available_providers()
+    if provider == "cuda" and PROVIDERS["cuda"] not in available:
+        raise UserError("--provider cuda requested but onnxruntime has no CUDA execution provider here")
+    wanted = [PROVIDERS["cpu"]] if provider == "cpu" else [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+    if provider == "cuda" and session_provider(session) != "cuda":
+        raise UserError("--provider cuda requested but the CUDA execution provider failed to load")
+    return session
+
+
+def session_provider(session: ort.InferenceSession) -> str:
+    """The short name (`cuda` or `cpu`) of the provider that runs the session's nodes first."""
+    return "cuda" if session.get_providers()[0] == PROVIDERS["cuda"] else "cpu"
