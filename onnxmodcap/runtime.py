@@ -23,7 +23,16 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     wanted = [PROVIDERS["cpu"]] if provider == "cpu" else [PROVIDERS["cuda"], PROVIDERS["cpu"]]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+    # A CUDA provider that fails to load logs an error before falling back; the fallback is reported
+    # by session_provider instead.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+    except Exception as err:  # onnxruntime raises its own exception types per failure kind
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ONNX Runtime cannot load the model: {message}") from err
+    finally:
+        ort.set_default_logger_severity(2)
     if provider == "cuda" and session_provider(session) != "cuda":
         raise UserError("--provider cuda requested but the CUDA execution provider failed to load")
     return session

@@ -1,0 +1,127 @@
+"""`onnxmodcap inspect`: the units of a model, and optionally the mirror's parity with ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import UserError
+from .mirror import NetworkMirror, unsupported_ops
+from .partition import Unit, partition
+from .prepare import PreparedModel, prepare
+from .runtime import create_session, session_provider
+
+VERIFY_BATCH = 2
+
+
+@dataclass
+class Inspection:
+    prepared: PreparedModel
+    units: list[Unit]
+    unsupported: dict[str, str]
+    mirror_max_rel_err: float | None = None
+    provider: str | None = None
+
+    def to_dict(self) -> dict:
+        shapes = tensor_shapes(self.prepared.model)
+        sizes = {t.name: int(np.prod(t.dims)) for t in self.prepared.model.graph.initializer}
+        modules = []
+        for unit in self.units:
+            entry = unit.to_dict()
+            entry["params"] = unit_parameter_count(unit, self.prepared.model, sizes)
+            entry["input_shapes"] = [shapes.get(name) for name in unit.inputs]
+            entry["output_shapes"] = [shapes.get(name) for name in unit.outputs]
+            modules.append(entry)
+        result = {
+            "model": str(self.prepared.source),
+            "modules": modules,
+            "unsupported_ops": sorted(self.unsupported),
+            "notes": self.prepared.notes,
+        }
+        if self.mirror_max_rel_err is not None:
+            result["mirror_max_rel_err"] = self.mirror_max_rel_err
+            result["provider"] = self.provider
+        return result
+
+
+def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0) -> Inspection:
+    prepared = prepare(path)
+    units = partition(prepared.model)
+    inspection = Inspection(prepared, units, unsupported_ops(prepared.model))
+    if verify and not inspection.unsupported:
+        inspection.mirror_max_rel_err, inspection.provider = verify_mirror(prepared, units, seed)
+    return inspection
+
+
+def verify_mirror(prepared: PreparedModel, units: list[Unit], seed: int) -> tuple[float, str]:
+    """Run ORT on the original file and the mirror on the prepared graph with the same inputs."""
+    mirror = NetworkMirror(prepared.model, units).eval()
+    session = create_session(str(prepared.source))
+    rng = np.random.default_rng(seed)
+    feeds = {i.name: random_input(i, rng) for i in session.get_inputs()}
+    expected = session.run(None, feeds)
+    with torch.no_grad():
+        actual = mirror(*(torch.from_numpy(feeds[name]) for name in mirror.input_names))
+    return max_relative_error(actual, expected), session_provider(session)
+
+
+def random_input(arg, rng: np.random.Generator) -> np.ndarray:
+    dims = []
+    for axis, dim in enumerate(arg.shape):
+        if isinstance(dim, int) and dim > 0:
+            dims.append(dim)
+        elif axis == 0:
+            dims.append(VERIFY_BATCH)
+        else:
+            raise UserError(f"graph input {arg.name!r} has a dynamic dimension {axis} ({dim}); "
+                            "export the model with fixed spatial size")
+    if arg.type != "tensor(float)":
+        raise UserError(f"graph input {arg.name!r} has type {arg.type}; only float inputs are supported")
+    return rng.standard_normal(dims).astype(np.float32)
+
+
+def max_relative_error(actual, expected) -> float:
+    worst = 0.0
+    for torch_out, ort_out in zip(actual, expected):
+        scale = float(np.abs(ort_out).max()) or 1.0
+        worst = max(worst, float(np.abs(torch_out.numpy() - ort_out).max()) / scale)
+    return worst
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    shapes = {}
+    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def unit_parameter_count(unit: Unit, model: onnx.ModelProto, sizes: dict[str, int]) -> int:
+    layers = set(unit.layers)
+    return sum(sizes.get(name, 0) for node in model.graph.node if node.name in layers for name in node.input[1:])
+
+
+def format_table(report: dict) -> str:
+    rows = [("#", "unit", "layers", "params", "inputs", "outputs")]
+    for i, module in enumerate(report["modules"]):
+        rows.append((str(i), module["name"], str(len(module["layers"])), f"{module['params']:,}",
+                     " ".join(shape_text(s) for s in module["input_shapes"]),
+                     " ".join(shape_text(s) for s in module["output_shapes"])))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"note: {note}" for note in report["notes"]]
+    if report["unsupported_ops"]:
+        lines.append(f"unsupported ops: {', '.join(report['unsupported_ops'])}")
+    if "mirror_max_rel_err" in report:
+        lines.append(f"mirror_max_rel_err: {report['mirror_max_rel_err']:.3g} "
+                     f"(ONNX Runtime provider: {report['provider']})")
+    return "\n".join(lines)
+
+
+def shape_text(shape) -> str:
+    return "?" if shape is None else "x".join(str(d) for d in shape)

@@ -1,0 +1,229 @@
+"""Stage 2, partition: cut the prepared graph into reconstruction units.
+
+A cut point is a position in the node order where exactly one tensor is alive: everything before
+it reaches everything after it through that tensor alone. The nodes between two cut points form a
+segment. Residual, concat and other multi-path structures (ResNet blocks, inverted residuals with
+a skip, inception, dense blocks) are single segments; plain chains are one segment per node.
+Segments are then grouped into units:
+
+- the stem is the first weighted layer with what follows it up to the next weighted layer;
+- the head is the last weighted layer with everything after it, plus the activation-free nodes
+  (pooling, flatten) right before it;
+- in between, a unit closes after a multi-path segment with weighted layers (a block), or after a
+  weighted layer with no activation before the next weighted layer (a linear bottleneck output,
+  as in MobileNetV2); a gating segment ending in Mul (squeeze-excite) stays inside its block;
+- nodes without weights join the unit before them; chains of more than three weighted layers
+  that nothing closes are cut into units of two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import onnx
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATION_OPS = {
+    "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
+    "Gelu", "Elu", "Selu", "Softplus", "Mish", "Max", "Min",
+}
+CHAIN_SPLIT_ABOVE = 3
+CHAIN_PIECE = 2
+
+
+@dataclass
+class Unit:
+    """A reconstruction unit: a contiguous run of nodes between single-tensor cut points."""
+
+    index: int
+    name: str
+    nodes: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    layers: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Segment:
+    nodes: list[onnx.NodeProto]
+    weighted: bool
+    branching: bool
+    has_activation: bool
+
+    @property
+    def is_block(self) -> bool:
+        return self.weighted and self.branching and self.nodes[-1].op_type != "Mul"
+
+    @property
+    def is_single_layer(self) -> bool:
+        return self.weighted and not self.branching
+
+
+def weighted_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of nodes whose weights get quantized: Conv, ConvTranspose, Gemm, MatMul on a constant."""
+    constants = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if is_weighted(n, constants)]
+
+
+def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
+    if node.op_type not in WEIGHTED_OPS:
+        return False
+    if node.op_type == "MatMul":
+        return any(name in constants for name in node.input)
+    return len(node.input) > 1 and node.input[1] in constants
+
+
+def partition(model: onnx.ModelProto) -> list[Unit]:
+    constants = {t.name for t in model.graph.initializer}
+    segments = split_at_cut_points(model, constants)
+    groups = group_segments(segments)
+    return [make_unit(i, name, nodes, model, constants) for i, (name, nodes) in enumerate(groups)]
+
+
+def split_at_cut_points(model: onnx.ModelProto, constants: set[str]) -> list[Segment]:
+    nodes = list(model.graph.node)
+    graph_outputs = {o.name for o in model.graph.output}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if name and name not in constants:
+                last_use[name] = i
+    for name in graph_outputs:
+        last_use[name] = len(nodes)
+    alive = {i.name for i in model.graph.input if i.name not in constants and i.name in last_use}
+    segments, start = [], 0
+    for i, node in enumerate(nodes):
+        alive |= {out for out in node.output if out and last_use.get(out, -1) > i}
+        alive -= {name for name in node.input if last_use.get(name) == i}
+        if len(alive) == 1 and i < len(nodes) - 1:
+            segments.append(make_segment(nodes[start:i + 1], constants))
+            start = i + 1
+    segments.append(make_segment(nodes[start:], constants))
+    return segments
+
+
+def make_segment(nodes: list[onnx.NodeProto], constants: set[str]) -> Segment:
+    uses: dict[str, int] = {}
+    for node in nodes:
+        for name in set(node.input):
+            if name and name not in constants:
+                uses[name] = uses.get(name, 0) + 1
+    return Segment(
+        nodes=nodes,
+        weighted=any(is_weighted(n, constants) for n in nodes),
+        branching=any(count > 1 for count in uses.values()),
+        has_activation=any(n.op_type in ACTIVATION_OPS for n in nodes),
+    )
+
+
+def group_segments(segments: list[Segment]) -> list[tuple[str, list[onnx.NodeProto]]]:
+    weighted = [i for i, s in enumerate(segments) if s.weighted]
+    if not weighted:
+        return [("graph", [n for s in segments for n in s.nodes])]
+    first, last = weighted[0], weighted[-1]
+    head_start = last
+    if segments[last].is_single_layer:
+        while head_start - 1 > first and not segments[head_start - 1].weighted \
+                and not segments[head_start - 1].has_activation:
+            head_start -= 1
+    else:
+        head_start = len(segments)
+    stem_end = first + 1
+    if segments[first].is_single_layer and first != last:
+        while stem_end < head_start and not segments[stem_end].weighted:
+            stem_end += 1
+    else:
+        stem_end = 0
+
+    closes = [s.is_block or (s.is_single_layer and is_linear_output(segments, i, head_start))
+              for i, s in enumerate(segments)]
+    groups: list[list[int]] = [list(range(stem_end))] if stem_end else []
+    current: list[int] = []
+    for i in range(stem_end, head_start):
+        if segments[i].weighted and current and closes[last_weighted(segments, current)]:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    if head_start < len(segments):
+        groups.append(list(range(head_start, len(segments))))
+    groups = merge_weightless(groups, segments)
+    groups = [piece for group in groups for piece in split_long_chain(group, segments)]
+    return [(unit_name(k, len(groups), stem_end > 0, head_start < len(segments)),
+             [n for i in group for n in segments[i].nodes]) for k, group in enumerate(groups)]
+
+
+def last_weighted(segments: list[Segment], group: list[int]) -> int:
+    return next((i for i in reversed(group) if segments[i].weighted), group[-1])
+
+
+def merge_weightless(groups: list[list[int]], segments: list[Segment]) -> list[list[int]]:
+    """A group without weighted layers joins the next group (the last one joins the previous)."""
+    merged: list[list[int]] = []
+    pending: list[int] = []
+    for group in groups:
+        if any(segments[i].weighted for i in group):
+            merged.append(pending + group)
+            pending = []
+        else:
+            pending += group
+    if pending:
+        if merged:
+            merged[-1] += pending
+        else:
+            merged.append(pending)
+    return merged
+
+
+def is_linear_output(segments: list[Segment], i: int, end: int) -> bool:
+    """True when no activation follows segment i before the next weighted segment."""
+    for segment in segments[i + 1:end]:
+        if segment.weighted:
+            return segment.nodes[0].op_type not in ACTIVATION_OPS
+        if segment.has_activation:
+            return False
+    return True
+
+
+def split_long_chain(group: list[int], segments: list[Segment]) -> list[list[int]]:
+    layers = [k for k, i in enumerate(group) if segments[i].weighted]
+    if len(layers) <= CHAIN_SPLIT_ABOVE or any(segments[i].branching and segments[i].weighted for i in group):
+        return [group]
+    starts = [0] + layers[CHAIN_PIECE::CHAIN_PIECE]
+    return [group[a:b] for a, b in zip(starts, starts[1:] + [len(group)])]
+
+
+def unit_name(k: int, count: int, has_stem: bool, has_head: bool) -> str:
+    if has_stem and k == 0:
+        return "stem"
+    if has_head and k == count - 1:
+        return "head"
+    return f"block{k if has_stem else k + 1}"
+
+
+def make_unit(index: int, name: str, nodes: list[onnx.NodeProto], model: onnx.ModelProto,
+              constants: set[str]) -> Unit:
+    produced = {out for n in nodes for out in n.output if out}
+    inside = {n.name for n in nodes}
+    used_after = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.name not in inside:
+            used_after.update(node.input)
+    inputs: list[str] = []
+    for node in nodes:
+        for name_ in node.input:
+            if name_ and name_ not in constants and name_ not in produced and name_ not in inputs:
+                inputs.append(name_)
+    outputs = [out for n in nodes for out in n.output if out and out in used_after]
+    return Unit(
+        index=index,
+        name=name,
+        nodes=[n.name for n in nodes],
+        inputs=inputs,
+        outputs=outputs,
+        layers=[n.name for n in nodes if is_weighted(n, constants)],
+    )

@@ -1,0 +1,320 @@
+"""Stage 1, prepare: load an ONNX file safely and turn it into a clean float graph.
+
+Steps, in order: parse, check external-data paths, run the checker, turn Constant nodes into
+initializers and remove Identity/Dropout, infer shapes, record the statistics of every
+BatchNormalization that follows a Conv and fold it into that Conv, then simplify with onnxsim.
+The input file is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper, shape_inference
+
+from .errors import UserError
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class BatchNormStats:
+    """Running statistics of a BatchNormalization that was folded into the Conv before it."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    epsilon: float
+
+
+@dataclass
+class PreparedModel:
+    """A clean float graph plus the facts about it that later stages need.
+
+    `bn_stats` is keyed by the output tensor name of the Conv that absorbed the BatchNormalization
+    (that name is the former BatchNormalization output, so it survives simplification).
+    """
+
+    model: onnx.ModelProto
+    source: Path
+    bn_stats: dict[str, BatchNormStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
+    source = Path(path)
+    model = load_model(source)
+    notes: list[str] = []
+    model = fold_constant_nodes(model)
+    model = remove_passthrough_nodes(model)
+    model = infer_shapes(model)
+    model, bn_stats = fold_batchnorms(model)
+    if bn_stats:
+        notes.append(f"folded {len(bn_stats)} BatchNormalization nodes into their Conv (statistics kept)")
+    else:
+        notes.append("no BatchNormalization after a Conv in the graph: BN statistics unavailable")
+    if simplify:
+        model = simplify_or_keep(model, notes)
+    model = infer_shapes(model)
+    name_nodes(model)
+    missing = [name for name in bn_stats if name not in produced_tensors(model)]
+    for name in missing:
+        del bn_stats[name]
+    if missing:
+        notes.append(f"dropped BN statistics of {len(missing)} tensors that simplification removed")
+    return PreparedModel(model=model, source=source, bn_stats=bn_stats, notes=notes)
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """Parse, validate external data locations, load external data and run the checker."""
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"model path is not a file: {path}")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as err:
+        raise UserError(f"not an ONNX model (cannot parse protobuf): {path}") from err
+    if not model.HasField("graph") or not model.graph.node:
+        raise UserError(f"not an ONNX model (no graph nodes): {path}")
+    check_external_data_paths(model, path.parent)
+    if uses_external_data(model):
+        onnx.load_external_data_for_model(model, str(path.parent))
+    check_ops_known(model, path)
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from err
+    return model
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every TensorProto that can carry external data: initializers and tensor attributes."""
+    yield from graph_tensors(model.graph)
+
+
+def graph_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from graph_tensors(attr.g)
+            for subgraph in attr.graphs:
+                yield from graph_tensors(subgraph)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(onnx.external_data_helper.uses_external_data(t) for t in all_tensors(model))
+
+
+def check_external_data_paths(model: onnx.ModelProto, model_dir: Path) -> None:
+    """Refuse external-data locations that are absolute or resolve outside the model's folder."""
+    root = model_dir.resolve()
+    for tensor in all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(root):
+            raise UserError(
+                f"external data of tensor {tensor.name!r} points outside the model folder: {location}"
+            )
+        if not target.is_file():
+            raise UserError(f"external data file of tensor {tensor.name!r} not found: {location}")
+
+
+def check_ops_known(model: onnx.ModelProto, path: Path) -> None:
+    """Custom-domain ops cannot be checked, simplified or mirrored: name them all at once."""
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise UserError(f"custom-domain ops are not supported in {path}: {', '.join(custom)}")
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return model
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:  # onnx raises several unrelated types for inconsistent graphs
+        raise UserError(f"shape inference failed: {first_line(err)}") from err
+
+
+def simplify_or_keep(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """onnxsim when it succeeds and verifies; otherwise the unsimplified graph, with a note."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        notes.append("onnxsim skipped: model larger than 2 GB")
+        return model
+    import onnxsim
+
+    try:
+        simplified, verified = onnxsim.simplify(model)
+    except Exception as err:  # onnxsim surfaces C++ and ORT failures as arbitrary exceptions
+        notes.append(f"onnxsim failed, continuing with the unsimplified graph: {first_line(err)}")
+        return model
+    if not verified:
+        notes.append("onnxsim result did not verify, continuing with the unsimplified graph")
+        return model
+    notes.append("simplified with onnxsim")
+    return simplified
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique, non-empty name: later stages address nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def produced_tensors(model: onnx.ModelProto) -> set[str]:
+    return {out for node in model.graph.node for out in node.output}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, BatchNormStats]]:
+    """Fold every BatchNormalization whose only producer is a Conv with constant weights.
+
+    The Conv takes over the BatchNormalization's output name, so the statistics stay addressable
+    by a tensor name that simplification keeps.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    users = consumers(model)
+    graph_outputs = {o.name for o in model.graph.output}
+    stats: dict[str, BatchNormStats] = {}
+    removed: set[int] = set()
+    for bn in model.graph.node:
+        conv = producer.get(bn.input[0])
+        if not is_foldable(bn, conv, inits, users, graph_outputs):
+            continue
+        bn_stats = read_bn_stats(bn, inits)
+        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
+        bias = (
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(weight.shape[0], np.float32)
+        )
+        factor = bn_stats.scale / np.sqrt(bn_stats.var + bn_stats.epsilon)
+        folded_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
+        folded_bias = (bias - bn_stats.mean) * factor + bn_stats.bias
+        base = conv.name or bn.output[0]
+        weight_name, bias_name = f"{base}.folded_weight", f"{base}.folded_bias"
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(folded_weight.astype(np.float32), weight_name),
+             numpy_helper.from_array(folded_bias.astype(np.float32), bias_name)]
+        )
+        del conv.input[1:]
+        conv.input.extend([weight_name, bias_name])
+        conv.output[0] = bn.output[0]
+        stats[bn.output[0]] = bn_stats
+        removed.add(id(bn))
+    kept = [n for n in model.graph.node if id(n) not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return remove_unused_initializers(model), stats
+
+
+def is_foldable(bn, conv, inits, users, graph_outputs) -> bool:
+    return (
+        bn.op_type == "BatchNormalization"
+        and len([o for o in bn.output if o]) == 1
+        and conv is not None
+        and conv.op_type == "Conv"
+        and len(users.get(conv.output[0], [])) == 1
+        and conv.output[0] not in graph_outputs
+        and conv.input[1] in inits
+        and (len(conv.input) < 3 or not conv.input[2] or conv.input[2] in inits)
+        and all(name in inits for name in bn.input[1:5])
+        and not any(a.name == "training_mode" and a.i for a in bn.attribute)
+    )
+
+
+def read_bn_stats(bn: onnx.NodeProto, inits) -> BatchNormStats:
+    scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float32) for n in bn.input[1:5])
+    epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    return BatchNormStats(mean=mean, var=var, scale=scale, bias=bias, epsilon=float(epsilon))
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes become initializers (paddle2onnx supplies weights this way)."""
+    graph_outputs = {o.name for o in model.graph.output}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] not in graph_outputs:
+            value = constant_node_value(node)
+            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    value = onnx.helper.get_attribute_value(attr)
+    if attr.name == "value":
+        return numpy_helper.to_array(value)
+    if attr.name in ("value_float", "value_floats"):
+        return np.asarray(value, np.float32)
+    if attr.name in ("value_int", "value_ints"):
+        return np.asarray(value, np.int64)
+    raise UserError(f"Constant node {node.name!r} uses unsupported attribute {attr.name!r}")
+
+
+def remove_passthrough_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop Identity and inference-mode Dropout by rewiring their consumers to their input."""
+    graph_outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        passthrough = node.op_type == "Identity" or (
+            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
+        )
+        if passthrough and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            kept.append(node)
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return remove_unused_initializers(model)
