@@ -397,7 +397,7 @@ def gather(call: Call, x, indices):
     flat = indices.reshape(-1).long()
     flat = torch.where(flat < 0, flat + x.shape[axis], flat)
     picked = x.index_select(axis, flat)
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
 
 
 @op("Expand")
