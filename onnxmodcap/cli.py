@@ -86,11 +86,13 @@ def preprocessing_options(command):
 @user_errors
 def evaluate(model, data, reference, as_json, batch_size, limit, provider, **flags):
     """Top-1/top-5 accuracy of MODEL on labelled data, and its fidelity to a reference model."""
+    from tqdm import tqdm
+
     from .evaluate import evaluate as run_evaluation
 
     result = run_evaluation(model, data, reference_path=reference, flags=flags, batch_size=batch_size,
                             limit=limit, provider=provider, progress=True,
-                            note=lambda message: click.echo(message, err=True))
+                            note=lambda message: tqdm.write(message, file=sys.stderr))
     for name, reason in result.skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)
     if result.skipped:

@@ -146,7 +146,8 @@ def evaluate(model_path: str, data_path: str, *, reference_path: str | None = No
              provider: str = "auto", progress: bool = False,
              note: Callable[[str], None] = lambda message: None) -> Evaluation:
     """Run the model (and the reference) over the image set; `flags` are preprocessing overrides.
-    `note` receives one-line facts (provider, preprocessing, data) before the run starts."""
+    `note` receives one-line facts (provider, preprocessing, data) once the first batch has run,
+    so that input that fails at once gives nothing but its error."""
     model = load_classifier(model_path, provider)
     reference = load_classifier(reference_path, provider) if reference_path else None
     preprocessing = model.preprocessing(flags or {})
@@ -154,11 +155,12 @@ def evaluate(model_path: str, data_path: str, *, reference_path: str | None = No
     if not images.labelled and reference is None:
         raise UserError(f"{data_path} is unlabelled: pass --reference to compare with a float model "
                         "(without labels or a reference there is nothing to measure)")
-    note(provider_note(model.provider, provider))
-    note(f"preprocessing: {preprocessing.describe()}")
-    note(f"data: {len(images.samples)} images, "
-         + (f"{len(images.classes)} classes" if images.labelled else "unlabelled"))
-    return run(model, reference, images, preprocessing, batch_size, progress)
+    facts = [provider_note(model.provider, provider),
+             f"preprocessing: {preprocessing.describe()}",
+             f"data: {len(images.samples)} images, "
+             + (f"{len(images.classes)} classes" if images.labelled else "unlabelled")]
+    return run(model, reference, images, preprocessing, batch_size, progress,
+               lambda: [note(fact) for fact in facts])
 
 
 def provider_note(used: str, requested: str) -> str:
@@ -168,16 +170,19 @@ def provider_note(used: str, requested: str) -> str:
 
 
 def run(model: Classifier, reference: Classifier | None, images: ImageSet, preprocessing: Preprocessing,
-        batch_size: int, progress: bool) -> Evaluation:
+        batch_size: int, progress: bool, started: Callable[[], Any]) -> Evaluation:
     totals = Totals(len(images.classes) if images.labelled else None, reference is not None)
     skipped = Skipped()
     logit_count = 0
-    with tqdm(total=len(images.samples), unit="img", disable=not progress, delay=2, leave=False,
-              file=sys.stderr) as bar:
+    # disable=None: the bar shows only on a terminal, and only for runs longer than two seconds
+    with tqdm(total=len(images.samples), unit="img", disable=None if progress else True, delay=2,
+              leave=False, file=sys.stderr) as bar:
         for batch in prepared_batches(images, preprocessing, batch_size, skipped):
             logits = model.logits(batch.inputs)
             logit_count = logits.shape[1]
             totals.add(logits, batch.labels, reference.logits(batch.inputs) if reference else None)
+            if bar.n == 0:
+                started()
             bar.update(totals.images + len(skipped) - bar.n)
     if totals.images == 0:
         first_name, first_reason = skipped.entries[0]

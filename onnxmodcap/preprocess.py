@@ -57,7 +57,12 @@ class Preprocessing:
     def image_to_array(self, image: Image.Image) -> np.ndarray:
         """One image as a float32 (C, H, W) or (H, W, C) array. Raises ValueError when the image's
         mode cannot be converted to the model's colour space."""
-        image = image.convert("L" if self.color == "grey" else "RGB")
+        target = "L" if self.color == "grey" else "RGB"
+        try:
+            image = image.convert(target)
+        except ValueError:
+            raise ValueError(f"a {image.mode} image cannot become {self.channels}-channel "
+                             f"{self.color}") from None
         image = center_crop(resize_shorter_side(image, self.resize), self.input_size)
         pixels = np.asarray(image, dtype=np.float32)
         pixels = pixels[..., None] if self.color == "grey" else pixels
