@@ -134,6 +134,17 @@ def resolve_preprocessing(input_shape: Sequence[Any], metadata: Mapping[str, str
     return Preprocessing(input_size, resize, scale, mean, std, color, layout)
 
 
+def preprocessing_for_onnx(model, flags: Mapping[str, Any]) -> Preprocessing:
+    """`resolve_preprocessing` for an onnx.ModelProto (calibration reads the model with onnx,
+    evaluation with ONNX Runtime): its first graph input that is not an initializer."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    graph_input = next(value for value in model.graph.input if value.name not in initializers)
+    shape = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+             for dim in graph_input.type.tensor_type.shape.dim]
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    return resolve_preprocessing(shape, metadata, flags)
+
+
 def read_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
     if METADATA_KEY not in metadata:
         return {}

@@ -31,8 +31,8 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
-def export_tiny_model(path, channels=3, classes=4):
-    """A small BN conv net on fixed 32x32 input with a dynamic batch."""
+def export_tiny_model(path, channels=3, classes=4, dynamic_batch=True):
+    """A small BN conv net on fixed 32x32 input."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(channels, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -40,7 +40,7 @@ def export_tiny_model(path, channels=3, classes=4):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, classes)).eval()
     torch.onnx.export(model, torch.zeros(1, channels, 32, 32), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None)
     return path
 
 
@@ -128,6 +128,14 @@ def test_rgb_model_on_an_image_folder_of_mixed_photos(tmp_path, rgb_model):
     assert report["top5"] is None  # only 4 logits
     assert report["agreement"] is None and report["kl"] is None and report["cosine"] is None
     assert "preprocessing: rgb 32x32, shorter side resized to 32 then centre crop" in result.stderr
+
+
+def test_model_with_a_fixed_batch_of_one_gives_the_same_report(tmp_path, rgb_model):
+    folder = write_photos(tmp_path / "photos")
+    fixed = export_tiny_model(tmp_path / "fixed.onnx", dynamic_batch=False)
+    reports = [evaluate(model, "--data", folder, "--batch-size", 4, "--json", "--provider", "cpu").stdout
+               for model in (rgb_model, fixed)]
+    assert json.loads(reports[0]) == json.loads(reports[1])
 
 
 def test_human_readable_report_with_reference(tmp_path, rgb_model):

@@ -1,11 +1,14 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from PIL import Image
 
 from onnxmodcap.errors import UserError
-from onnxmodcap.preprocess import IMAGENET_MEAN, IMAGENET_STD, METADATA_KEY, resolve_preprocessing
+from onnxmodcap.preprocess import (IMAGENET_MEAN, IMAGENET_STD, METADATA_KEY, preprocessing_for_onnx,
+                                   resolve_preprocessing)
 
 NO_FLAGS = {}
 
@@ -75,3 +78,14 @@ def test_nhwc_grey_layout_and_unconvertible_mode():
     assert array.shape == (8, 8, 1) and np.allclose(array, 1.0)
     with pytest.raises(ValueError, match="a LAB image cannot become 1-channel grey"):
         prep.image_to_array(Image.new("LAB", (8, 8)))
+
+
+def test_onnx_model_gives_the_same_settings_as_its_shape_and_metadata():
+    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["out"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, 28, 28])])
+    model = helper.make_model(graph)
+    onnx.helper.set_model_props(model, metadata(mean=[0.286], std=[0.353]))
+    expected = resolve_preprocessing(["N", 1, 28, 28], metadata(mean=[0.286], std=[0.353]), NO_FLAGS)
+    assert preprocessing_for_onnx(model, NO_FLAGS) == expected
+    assert preprocessing_for_onnx(model, {"std": "1"}).std == (1.0,)
