@@ -180,8 +180,9 @@ def run(model: Classifier, reference: Classifier | None, images: ImageSet, prepr
         for batch in prepared_batches(images, preprocessing, batch_size, skipped):
             logits = model.logits(batch.inputs)
             logit_count = logits.shape[1]
+            first_batch = totals.images == 0
             totals.add(logits, batch.labels, reference.logits(batch.inputs) if reference else None)
-            if bar.n == 0:
+            if first_batch:
                 started()
             bar.update(totals.images + len(skipped) - bar.n)
     if totals.images == 0:

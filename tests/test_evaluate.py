@@ -140,13 +140,14 @@ def test_model_with_a_fixed_batch_of_one_gives_the_same_report(tmp_path, rgb_mod
 
 def test_human_readable_report_with_reference(tmp_path, rgb_model):
     folder = write_photos(tmp_path / "photos")
-    result = evaluate(rgb_model, "--data", folder, "--reference", rgb_model, "--provider", "cpu")
+    result = evaluate(rgb_model, "--data", folder, "--reference", rgb_model, "--provider", "cpu", "--batch-size", 2)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "images: 6"
     assert "top-1 agreement with reference: 100.00 %" in result.stdout
     assert "mean KL(reference || model): 0.000000" in result.stdout
     assert "mean cosine similarity of logits: 1.000000" in result.stdout
-    assert "provider: cpu" in result.stderr
+    assert result.stderr.splitlines()[0] == "provider: cpu"
+    assert len(result.stderr.splitlines()) == 3  # provider, preprocessing, data: once, whatever the batch count
 
 
 def test_a_corrupt_image_among_many_is_named_and_counted(tmp_path, rgb_model):
