@@ -1,0 +1,50 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Make `import zoo` work however pytest imports this file (with or without tests/__init__.py).
+sys.path.insert(0, str(Path(__file__).parent))
+
+import zoo  # noqa: E402
+
+TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo")
+EXPORTERS = TORCH_EXPORTERS + ("paddle",)
+
+
+def export_zoo_model(name, exporter, folder):
+    """Build zoo model `name` (seeded) and export it; returns (path, ZooEntry or None for paddle)."""
+    if exporter == "paddle":
+        return zoo.build_paddle_style_model(folder / "paddle_mobilenetv3.onnx"), None
+    if exporter not in TORCH_EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}, expected one of {EXPORTERS}")
+    entry = zoo.ZOO[name]
+    torch.manual_seed(0)
+    model = entry.build()
+    path = folder / f"{name}.{exporter}.onnx"
+    if exporter == "legacy":
+        zoo.export_legacy(model, path, entry.input_shape)
+    elif exporter == "legacy_bn":
+        zoo.export_legacy(model, path, entry.input_shape, keep_bn=True)
+    else:
+        zoo.export_dynamo(model, path, entry.input_shape)
+    return path, entry
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory):
+    """Factory: exported_model(name, exporter) -> (path, ZooEntry | None).
+
+    exporter is one of 'legacy', 'legacy_bn', 'dynamo', 'paddle' (for 'paddle' the name is
+    ignored). Each model is built and exported once per session."""
+    folder = tmp_path_factory.mktemp("zoo")
+    cache = {}
+
+    def get(name, exporter):
+        key = ("paddle", "paddle") if exporter == "paddle" else (name, exporter)
+        if key not in cache:
+            cache[key] = export_zoo_model(name, exporter, folder)
+        return cache[key]
+
+    return get
