@@ -2,7 +2,7 @@
 
 Three forms:
 - a labelled folder (torchvision ImageFolder): one subfolder per class, class index = sorted
-  subfolder name order;
+  subfolder name order, images anywhere below a class folder;
 - an unlabelled folder: image files directly inside it;
 - a compact labelled file (.npz): `images` uint8 (N, H, W) or (N, H, W, 3), optional `labels`
   (N,) integers and `classes` (names), as `models/fashion_mnist_test.npz`.
@@ -86,15 +86,16 @@ def open_images(path: str | os.PathLike) -> ImageSet:
     return ImageSet(path, [Sample(file, None) for file in loose_images], None)
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(entry for entry in folder.iterdir()
-                  if entry.is_file() and not entry.name.startswith(".")
-                  and entry.suffix.lower() in IMAGE_EXTENSIONS)
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(entry for entry in entries
+                  if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in entry.relative_to(folder).parts))
 
 
 def open_image_folder(path: Path, class_folders: list[Path]) -> ImageSet:
     samples = [Sample(file, index) for index, folder in enumerate(class_folders)
-               for file in image_files(folder)]
+               for file in image_files(folder, recursive=True)]
     if not samples:
         raise UserError(f"{path} has {len(class_folders)} class folders but no images in them")
     return ImageSet(path, samples, [folder.name for folder in class_folders])

@@ -19,12 +19,14 @@ def test_image_folder_classes_follow_sorted_folder_names(tmp_path):
         write_image(tmp_path / folder / "b.png", value)
         write_image(tmp_path / folder / "a.jpg", value)
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    write_image(tmp_path / "ant" / ".hidden" / "c.png", 10)
+    write_image(tmp_path / "zebra" / "deeper" / "c.png", 30)
     images = open_images(tmp_path)
     assert images.classes == ["ant", "mole", "zebra"]
     assert [(s.source.name, s.label) for s in images.samples] == [
-        ("a.jpg", 0), ("b.png", 0), ("a.jpg", 1), ("b.png", 1), ("a.jpg", 2), ("b.png", 2)]
+        ("a.jpg", 0), ("b.png", 0), ("a.jpg", 1), ("b.png", 1), ("a.jpg", 2), ("b.png", 2), ("c.png", 2)]
     batches = list(prepared_batches(images, GREY_8x8, 4, Skipped()))
-    assert [len(b.inputs) for b in batches] == [4, 2]
+    assert [len(b.inputs) for b in batches] == [4, 3]
     assert batches[0].labels.tolist() == [0, 0, 1, 1]
     assert batches[0].inputs[2, 0, 0, 0] == 20
 
