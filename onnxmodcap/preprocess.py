@@ -104,10 +104,7 @@ def resolve_preprocessing(input_shape: Sequence[Any], metadata: Mapping[str, str
     if len(shape) != 4:
         raise UserError(f"the model input has shape {list(input_shape)}: expected an image batch "
                         "with 4 dimensions (NCHW or NHWC)")
-    chosen = {key: value for key, value in flags.items() if value is not None}
-    from_metadata = read_metadata(metadata)
-    for key, value in from_metadata.items():
-        chosen.setdefault(key, value)
+    chosen = {**read_metadata(metadata), **{key: value for key, value in flags.items() if value is not None}}
 
     def where(key: str) -> str:
         return f"--{key.replace('_', '-')}" if flags.get(key) is not None else f"model metadata {METADATA_KEY} {key}"
@@ -124,8 +121,7 @@ def resolve_preprocessing(input_shape: Sequence[Any], metadata: Mapping[str, str
         raise UserError(f"{where('resize')} {resize} is smaller than the input size "
                         f"{input_size[0]}x{input_size[1]}: the centre crop would not fit")
     count = 1 if color == "grey" else 3
-    default_mean = (0.0,) if color == "grey" else IMAGENET_MEAN[::-1] if color == "bgr" else IMAGENET_MEAN
-    default_std = (1.0,) if color == "grey" else IMAGENET_STD[::-1] if color == "bgr" else IMAGENET_STD
+    default_mean, default_std = default_statistics(color)
     mean = parse_floats(chosen.get("mean", default_mean), count, where("mean"))
     std = parse_floats(chosen.get("std", default_std), count, where("std"))
     if any(value == 0 for value in std):
@@ -158,6 +154,14 @@ def read_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
     if unknown:
         raise UserError(f"model metadata {METADATA_KEY} has unknown keys: {', '.join(unknown)}")
     return values
+
+
+def default_statistics(color: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Grey: plain [0, 1] pixels; colour: the ImageNet statistics most exported CNNs were trained with."""
+    if color == "grey":
+        return (0.0,), (1.0,)
+    order = slice(None, None, -1) if color == "bgr" else slice(None)
+    return IMAGENET_MEAN[order], IMAGENET_STD[order]
 
 
 def guess_layout(shape: list[int | None]) -> str:
