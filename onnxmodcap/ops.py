@@ -405,6 +405,11 @@ def expand(call: Call, x, target):
     return x.expand(torch.broadcast_shapes(x.shape, tuple(as_ints(target))))
 
 
+@op("Range")
+def range_(call: Call, start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
 @op("ConstantOfShape")
 def constant_of_shape(call: Call, target):
     value = call.attrs.get("value")
