@@ -11,7 +11,6 @@ twenty minutes on one CPU thread. BatchNormalization stays in the exported graph
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from onnxmodcap.preprocess import METADATA_KEY, Preprocessing
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -280,8 +281,8 @@ def train(arch: str, epochs: int, seed: int, log) -> nn.Module:
 
 # ---------------------------------------------------------------- export
 
-PREPROCESS = {"input_size": [28, 28], "resize": 28, "scale": 1 / 255, "mean": [MEAN], "std": [STD],
-              "color": "grey", "layout": "nchw"}
+PREPROCESSING = Preprocessing(input_size=(28, 28), resize=28, scale=1 / 255, mean=(MEAN,), std=(STD,),
+                              color="grey", layout="nchw")
 
 
 def export(model: nn.Module, path: Path) -> None:
@@ -295,7 +296,7 @@ def export(model: nn.Module, path: Path) -> None:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "onnxmodcap.preprocess", json.dumps(PREPROCESS)
+    entry.key, entry.value = METADATA_KEY, PREPROCESSING.metadata_json()
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
