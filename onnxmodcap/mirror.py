@@ -7,6 +7,7 @@ layers are `nn.Parameter`s (later stages quantize and learn them), every other c
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from torch import nn
 from .errors import UserError
 from .ops import OPS, Call, node_attributes
 from .partition import Unit, is_weighted
+from .quantizers import QuantizerSet
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -43,12 +45,23 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise UserError(unsupported_message(missing))
 
 
-class UnitMirror(nn.Module):
-    """Executes one unit's ONNX nodes with torch ops on mirrored initializers."""
+def module_key(prefix: str, name: str, index: int) -> str:
+    """A ModuleDict/ParameterDict-safe key that stays readable."""
+    return f"{prefix}{index}_{re.sub(r'[^0-9A-Za-z_]', '_', name)[-40:]}"
 
-    def __init__(self, unit: Unit, model: onnx.ModelProto):
+
+class UnitMirror(nn.Module):
+    """Executes one unit's ONNX nodes with torch ops on mirrored initializers.
+
+    With quantizers attached, weights and biases are fake-quantized where they are read, and every
+    planned activation tensor is fake-quantized once, where it is produced (or, for a graph input,
+    where it enters), so all of its consumers see the same quantized values, as in the exported graph.
+    """
+
+    def __init__(self, unit: Unit, model: onnx.ModelProto, graph_inputs: set[str]):
         super().__init__()
         self.unit = unit
+        self.graph_inputs = graph_inputs & set(unit.inputs)
         opset = default_opset(model)
         by_name = {n.name: n for n in model.graph.node}
         nodes = [by_name[name] for name in unit.nodes]
@@ -62,9 +75,14 @@ class UnitMirror(nn.Module):
             (Call(n.name, n.op_type, node_attributes(n), opset, len(n.output)), list(n.input), list(n.output))
             for n in nodes
         ]
+        self.weight_quantizers = nn.ModuleDict()
+        self.bias_quantizers = nn.ModuleDict()
+        self.activation_quantizers = nn.ModuleDict()
+        self.quantizer_keys: dict[str, str] = {}
+        self.observer: Callable[[str, torch.Tensor], None] | None = None
 
     def add_constant(self, name: str, array: np.ndarray, learnable: bool) -> None:
-        key = f"c{len(self.keys)}_{re.sub(r'[^0-9A-Za-z_]', '_', name)[-40:]}"
+        key = module_key("c", name, len(self.keys))
         tensor = torch.from_numpy(np.array(array, copy=True))
         if learnable:
             self.weights[key] = nn.Parameter(tensor, requires_grad=False)
@@ -77,13 +95,42 @@ class UnitMirror(nn.Module):
         key = self.keys[name]
         return self.weights[key] if key in self.weights else getattr(self, key)
 
+    def attach(self, quantizers: QuantizerSet) -> None:
+        """Take the quantizers of the tensors this unit reads (weights, biases) or produces."""
+        produced = {out for _, _, outs in self.calls for out in outs} | self.graph_inputs
+        groups = ((self.weight_quantizers, quantizers.weights, self.keys),
+                  (self.bias_quantizers, quantizers.biases, self.keys),
+                  (self.activation_quantizers, quantizers.activations, produced))
+        for modules, by_tensor, mine in groups:
+            for tensor, quantizer in by_tensor.items():
+                if tensor in mine:
+                    key = module_key("q", tensor, len(self.quantizer_keys))
+                    modules[key] = quantizer
+                    self.quantizer_keys[tensor] = key
+
+    def read_constant(self, name: str) -> torch.Tensor:
+        value = self.constant(name)
+        key = self.quantizer_keys.get(name)
+        if key in self.weight_quantizers:
+            return self.weight_quantizers[key](value)
+        if key in self.bias_quantizers:
+            return self.bias_quantizers[key](value)
+        return value
+
+    def produce(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(name, value)
+        key = self.quantizer_keys.get(name)
+        return self.activation_quantizers[key](value) if key in self.activation_quantizers else value
+
     def forward(self, *inputs: torch.Tensor):
-        env = dict(zip(self.unit.inputs, inputs))
+        env = {name: self.produce(name, value) if name in self.graph_inputs else value
+               for name, value in zip(self.unit.inputs, inputs)}
         for call, input_names, output_names in self.calls:
-            args = [None if not n else env[n] if n in env else self.constant(n) for n in input_names]
+            args = [None if not n else env[n] if n in env else self.read_constant(n) for n in input_names]
             result = OPS[call.op_type](call, *args)
             results = result if isinstance(result, tuple) else (result,)
-            env.update(zip(output_names, results))
+            env.update((name, self.produce(name, value)) for name, value in zip(output_names, results))
         outputs = tuple(env[name] for name in self.unit.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -94,9 +141,19 @@ class NetworkMirror(nn.Module):
     def __init__(self, model: onnx.ModelProto, units: list[Unit]):
         super().__init__()
         check_supported(model)
-        self.input_names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        constants = {t.name for t in model.graph.initializer}
+        self.input_names = [i.name for i in model.graph.input if i.name not in constants]
         self.output_names = [o.name for o in model.graph.output]
-        self.units = nn.ModuleList(UnitMirror(unit, model) for unit in units)
+        self.units = nn.ModuleList(UnitMirror(unit, model, set(self.input_names)) for unit in units)
+
+    def attach(self, quantizers: QuantizerSet) -> None:
+        for unit in self.units:
+            unit.attach(quantizers)
+
+    def observe(self, observer: Callable[[str, torch.Tensor], None] | None) -> None:
+        """Call `observer(tensor_name, value)` for every tensor the units produce (None: stop)."""
+        for unit in self.units:
+            unit.observer = observer
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = dict(zip(self.input_names, inputs))

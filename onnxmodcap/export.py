@@ -1,0 +1,235 @@
+"""Stage 7, export: write Q/DQ into the prepared float graph from the quantizers' integers and scales.
+
+`qdq` format (default; what TensorRT and ONNX Runtime's int8 kernels take): weights are int8
+initializers holding x_int - z behind a per-channel DequantizeLinear with zero point 0; an activation
+becomes
+Clip -> QuantizeLinear(int8, zero point 0) -> DequantizeLinear, the Clip carrying a b-bit grid
+exactly, and left out where the grid is the container's full range (8-bit grids use uint8 with their
+zero point when they do not fit int8).
+
+`native` format: the smallest ONNX integer type that holds the grid (INT2/UINT2 from opset 25,
+INT4/UINT4 from opset 21, else 8-bit) with the grid's own zero point, and a Clip only where the
+grid is narrower than the type.
+
+Every quantized tensor keeps its name: its producer writes `<name>_float` and DequantizeLinear
+writes `<name>`, so consumers and graph outputs need no rewiring.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+from . import __version__
+from .errors import UserError
+from .mirror import NetworkMirror
+from .quantizers import Grid, Quantizer, QuantizerSet
+
+FORMATS = ("qdq", "native")
+QDQ_OPSET = 13
+METADATA_KEY = "onnxmodcap.quantization"
+
+
+@dataclass(frozen=True)
+class Container:
+    """An ONNX integer type with its value range, and the opset that introduced it."""
+
+    elem_type: int
+    low: int
+    high: int
+    opset: int
+
+
+INT8 = Container(TensorProto.INT8, -128, 127, 13)
+UINT8 = Container(TensorProto.UINT8, 0, 255, 13)
+NATIVE = [
+    Container(TensorProto.INT2, -2, 1, 25), Container(TensorProto.UINT2, 0, 3, 25),
+    Container(TensorProto.INT4, -8, 7, 21), Container(TensorProto.UINT4, 0, 15, 21), INT8, UINT8,
+]
+NUMPY_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one quantizer's integers are stored: in `container`, either shifted (x_int - z with zero
+    point 0) or as x_int with the grid's own zero point."""
+
+    container: Container
+    shifted: bool
+
+    def stored_range(self, grid: Grid, zero_point: float) -> tuple[int, int]:
+        offset = int(zero_point) if self.shifted else 0
+        return grid.qmin - offset, grid.qmax - offset
+
+    def clip_needed(self, grid: Grid, zero_point: float) -> bool:
+        return self.stored_range(grid, zero_point) != (self.container.low, self.container.high)
+
+
+def qdq_encoding(grid: Grid, zero_points: torch.Tensor) -> Encoding:
+    shifted_low = grid.qmin - int(zero_points.max())
+    shifted_high = grid.qmax - int(zero_points.min())
+    if shifted_low >= INT8.low and shifted_high <= INT8.high:
+        return Encoding(INT8, shifted=True)
+    if grid.qmin >= UINT8.low and grid.qmax <= UINT8.high:
+        return Encoding(UINT8, shifted=False)
+    raise UserError(f"a {grid.bits}-bit grid [{grid.qmin}, {grid.qmax}] does not fit an 8-bit container")
+
+
+def native_encoding(grid: Grid) -> Encoding:
+    fitting = next(c for c in NATIVE if c.low <= grid.qmin and grid.qmax <= c.high)
+    return Encoding(fitting, shifted=False)
+
+
+def choose_encoding(fmt: str, quantizer: Quantizer) -> Encoding:
+    return qdq_encoding(quantizer.grid, quantizer.zero_point) if fmt == "qdq" else native_encoding(quantizer.grid)
+
+
+def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
+               target: str, metadata: dict) -> onnx.ModelProto:
+    """The quantized model. Biases stay float (TensorRT takes them so) but hold values on the int32
+    grid of input scale x weight scale: ONNX Runtime, which quantizes the bias of every Conv it fuses
+    into an int8 kernel, recovers exactly the simulated integers, and unfused layers compute with the
+    same values."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    constants = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
+    writer = GraphWriter(model)
+    opset = QDQ_OPSET
+    with torch.no_grad():
+        for tensor, quantizer in quantizers.weights.items():
+            encoding = choose_encoding(fmt, quantizer)
+            writer.dequantized_constant(tensor, constants[tensor], quantizer, encoding)
+            opset = max(opset, encoding.container.opset)
+        for tensor, bias in quantizers.biases.items():
+            writer.replace_constant(tensor, bias(constants[tensor]))
+        for tensor, quantizer in quantizers.activations.items():
+            encoding = choose_encoding(fmt, quantizer)
+            writer.quantized_activation(tensor, quantizer, encoding)
+            opset = max(opset, encoding.container.opset)
+    writer.finish()
+    model = with_opset(model, opset)
+    entries = {p.key: p.value for p in model.metadata_props}
+    entries[METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt, "target": target,
+                                        **metadata})
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current >= opset:
+        return model
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except Exception as err:  # the converter raises plain RuntimeErrors for missing adapters
+        raise UserError(f"cannot raise the model from opset {current} to {opset}: {str(err).splitlines()[0]}") from None
+    return converted
+
+
+class GraphWriter:
+    """Collects new initializers and nodes; each activation's Q/DQ group goes right after its producer."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.leading: list[onnx.NodeProto] = []  # weight/bias DequantizeLinear and graph-input groups
+        self.after: dict[str, list[onnx.NodeProto]] = {}  # producer output -> nodes that follow it
+        self.initializers: list[onnx.TensorProto] = []
+        self.dropped: set[str] = set()
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> str:
+        self.initializers.append(tensor)
+        return tensor.name
+
+    def scale_and_zero_point(self, name: str, quantizer: Quantizer, encoding: Encoding, per_channel: bool):
+        scale = quantizer.scale.detach().cpu().numpy().astype(np.float32)
+        zero_point = quantizer.zero_point.detach().cpu().numpy().astype(np.int64)
+        zero_point = np.zeros_like(zero_point) if encoding.shifted else zero_point
+        if not per_channel:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        return (self.add_initializer(numpy_helper.from_array(scale, f"{name}_scale")),
+                self.add_initializer(integer_tensor(f"{name}_zero_point", zero_point, encoding.container)))
+
+    def dequantized_constant(self, name: str, value: torch.Tensor, quantizer: Quantizer, encoding: Encoding):
+        stored = quantizer.quantized_integers(value)
+        if not encoding.shifted:
+            stored = stored + quantizer.broadcast(quantizer.zero_point, value)
+        per_channel = quantizer.axis is not None
+        values = self.add_initializer(integer_tensor(f"{name}_quantized", stored.cpu().numpy().astype(np.int64),
+                                                     encoding.container))
+        scale, zero = self.scale_and_zero_point(name, quantizer, encoding, per_channel)
+        attrs = {"axis": quantizer.axis % value.dim()} if per_channel else {}
+        self.leading.append(helper.make_node("DequantizeLinear", [values, scale, zero], [name],
+                                             name=f"{name}_DequantizeLinear", **attrs))
+        self.dropped.add(name)
+
+    def replace_constant(self, name: str, value: torch.Tensor):
+        """A float initializer that now holds its dequantized (simulated) value."""
+        self.add_initializer(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.float32), name))
+        self.dropped.add(name)
+
+    def quantized_activation(self, name: str, quantizer: Quantizer, encoding: Encoding):
+        source, result = self.detach_tensor(name)
+        producer_output = source
+        scale, zero = self.scale_and_zero_point(name, quantizer, encoding, per_channel=False)
+        zero_point = float(quantizer.zero_point)
+        nodes = []
+        if encoding.clip_needed(quantizer.grid, zero_point):
+            step = quantizer.scale.reshape(()).float().cpu()
+            low, high = ((torch.tensor(float(q - zero_point)) * step).numpy().astype(np.float32)
+                         for q in (quantizer.grid.qmin, quantizer.grid.qmax))
+            bounds = [self.add_initializer(numpy_helper.from_array(low, f"{name}_clip_min")),
+                      self.add_initializer(numpy_helper.from_array(high, f"{name}_clip_max"))]
+            nodes.append(helper.make_node("Clip", [source, *bounds], [f"{name}_clipped"], name=f"{name}_Clip"))
+            source = f"{name}_clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [source, scale, zero], [f"{name}_quantized"],
+                                      name=f"{name}_QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", scale, zero], [result],
+                                      name=f"{name}_DequantizeLinear"))
+        if producer_output == name:  # a graph input
+            self.leading.extend(nodes)
+        else:
+            self.after.setdefault(producer_output, []).extend(nodes)
+
+    def detach_tensor(self, name: str) -> tuple[str, str]:
+        """(the float source, the name the dequantized value takes). A produced tensor's producer now
+        writes `<name>_float`; a graph input keeps its name and its consumers read `<name>_dequantized`."""
+        for node in self.graph.node:
+            for i, output in enumerate(node.output):
+                if output == name:
+                    node.output[i] = f"{name}_float"
+                    return f"{name}_float", name
+        for node in self.graph.node:
+            for i, tensor in enumerate(node.input):
+                if tensor == name:
+                    node.input[i] = f"{name}_dequantized"
+        return name, f"{name}_dequantized"
+
+    def finish(self) -> None:
+        """Splice the new nodes in and replace the float initializers that are now dequantized."""
+        ordered = list(self.leading)
+        for node in self.graph.node:
+            ordered.append(node)
+            for output in node.output:
+                ordered += self.after.pop(output, [])
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+        kept = [t for t in self.graph.initializer if t.name not in self.dropped]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept + self.initializers)
+        value_infos = [v for v in self.graph.value_info if v.name not in self.dropped]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(value_infos)
+
+
+def integer_tensor(name: str, values: np.ndarray, container: Container) -> onnx.TensorProto:
+    if container.elem_type in NUMPY_TYPES:
+        return numpy_helper.from_array(values.astype(NUMPY_TYPES[container.elem_type]), name)
+    return helper.make_tensor(name, container.elem_type, values.shape, values.reshape(-1).tolist())

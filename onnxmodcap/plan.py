@@ -1,0 +1,201 @@
+"""Stage 3, plan: decide every quantizer before anything runs.
+
+Weights of Conv/ConvTranspose/Gemm/MatMul are quantized per output channel; activations per tensor
+at the inputs of those layers, one quantizer per tensor however many consumers it has. With
+`target="tensorrt"` the residual input of an Add that follows a Conv is quantized too, so that
+TensorRT can fuse Conv+Add. The first and last weighted layers stay at 8 bits unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import yaml
+
+from .errors import UserError
+from .partition import is_weighted
+from .quantizers import Grid
+
+TARGETS = ("ort", "tensorrt")
+MIN_BITS, MAX_BITS = 2, 8
+END_BITS = 8
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    wbits: int
+    abits: int
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    wbits: int = 4
+    abits: int = 4
+    target: str = "ort"
+    keep_ends: bool = True
+    exclude: tuple[str, ...] = ()  # node-name regexes kept in float
+    overrides: dict[str, LayerBits | None] = field(default_factory=dict)  # regex -> bits (None: float)
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    node: str
+    tensor: str
+    axis: int | None  # the output-channel axis of the weight; None: one scale for the tensor
+    bits: int
+    input: str  # the activation tensor the layer multiplies with the weight
+    bias: str | None  # a bias initializer simulated on the int32 grid of input scale x weight scale
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    tensor: str
+    bits: int
+    consumers: tuple[str, ...]
+
+
+@dataclass
+class QuantPlan:
+    target: str
+    weights: list[WeightPlan]
+    activations: list[ActivationPlan]
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "weights": [asdict(w) for w in self.weights],
+                "activations": [asdict(a) for a in self.activations]}
+
+
+def weight_grid(target: str, bits: int) -> Grid:
+    """8-bit and TensorRT weights are symmetric int8 (what int8 kernels take); below 8 bits the
+    ORT target uses the more accurate asymmetric grid, which still fits an int8 container."""
+    return Grid.signed(bits) if target == "tensorrt" or bits == 8 else Grid.asymmetric(bits)
+
+
+def activation_grid(target: str, bits: int, nonnegative: bool) -> Grid:
+    """ORT: asymmetric. TensorRT: zero point 0, unsigned for non-negative tensors below 8 bits."""
+    if target == "ort":
+        return Grid.asymmetric(bits)
+    return Grid.unsigned(bits) if nonnegative and bits < 8 else Grid.signed(bits)
+
+
+def check_bits(bits: int, what: str) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise UserError(f"{what} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+
+
+def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
+    check_bits(options.wbits, "weight bits")
+    check_bits(options.abits, "activation bits")
+    if options.target not in TARGETS:
+        raise UserError(f"unknown target {options.target!r}: choose {' or '.join(TARGETS)}")
+    constants = {t.name for t in model.graph.initializer}
+    layers = [n for n in model.graph.node if is_weighted(n, constants)]
+    if not layers:
+        raise UserError("the model has no weighted layers (Conv, ConvTranspose, Gemm, MatMul with constant weights)")
+    chosen = {n.name: layer_bits(n.name, i, len(layers), options) for i, n in enumerate(layers)}
+    weights, activation_bits, consumers = [], {}, {}
+    for node in layers:
+        bits = chosen[node.name]
+        if bits is None:
+            continue
+        weight_index = weight_input_index(node, constants)
+        data = node.input[1 - weight_index] if node.op_type == "MatMul" else node.input[0]
+        weights.append(WeightPlan(
+            node=node.name, tensor=node.input[weight_index],
+            axis=output_channel_axis(node, model, weight_index), bits=bits.wbits, input=data,
+            bias=bias_input(node, constants),
+        ))
+        activation_bits[data] = max(activation_bits.get(data, 0), bits.abits)
+        consumers.setdefault(data, []).append(node.name)
+    if options.target == "tensorrt":
+        for tensor, add, bits in residual_inputs(model, chosen):
+            activation_bits[tensor] = max(activation_bits.get(tensor, 0), bits)
+            consumers.setdefault(tensor, []).append(add)
+    activations = [ActivationPlan(t, activation_bits[t], tuple(consumers[t])) for t in activation_bits]
+    return QuantPlan(options.target, weights, activations)
+
+
+def layer_bits(name: str, index: int, count: int, options: PlanOptions) -> LayerBits | None:
+    if any(re.fullmatch(pattern, name) for pattern in options.exclude):
+        return None
+    for pattern, bits in options.overrides.items():
+        if re.fullmatch(pattern, name):
+            return bits
+    if options.keep_ends and index in (0, count - 1):
+        return LayerBits(END_BITS, END_BITS)
+    return LayerBits(options.wbits, options.abits)
+
+
+def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
+    if node.op_type == "MatMul" and node.input[1] not in constants:
+        return 0
+    return 1
+
+
+def output_channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight_index: int) -> int | None:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attrs.get("transB", 0) else 1
+    rank = next(len(t.dims) for t in model.graph.initializer if t.name == node.input[weight_index])
+    return rank - 1 if weight_index == 1 else None
+
+
+def bias_input(node: onnx.NodeProto, constants: set[str]) -> str | None:
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2] in constants:
+        return node.input[2]
+    return None
+
+
+def residual_inputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None]):
+    """(tensor, Add node, bits) for the non-Conv input of every Add fed by a quantized Conv."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    constants = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Add" or any(i in constants for i in node.input):
+            continue
+        convs = [producer.get(i) for i in node.input]
+        for k, conv in enumerate(convs):
+            other = node.input[1 - k]
+            if conv is not None and conv.op_type == "Conv" and chosen.get(conv.name):
+                yield other, node.name, chosen[conv.name].abits
+                break
+
+
+def read_overrides(path: str | Path) -> dict[str, LayerBits | None]:
+    """A JSON or YAML file: {"layers": {"<node name or regex>": {"wbits": 8, "abits": 8} | "float"}}."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read overrides file {path}: {err.strerror}") from None
+    try:
+        content = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"overrides file {path} is not valid: {str(err).splitlines()[0]}") from None
+    layers = content.get("layers") if isinstance(content, dict) else None
+    if not isinstance(layers, dict):
+        raise UserError(f"overrides file {path} must hold an object with a `layers` mapping")
+    return {pattern: parse_override(path, pattern, value) for pattern, value in layers.items()}
+
+
+def parse_override(path: Path, pattern: str, value) -> LayerBits | None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"overrides file {path}: {pattern!r} is not a valid regex ({err})") from None
+    if value == "float":
+        return None
+    if not isinstance(value, dict) or set(value) - {"wbits", "abits"} or not all(isinstance(v, int) for v in value.values()):
+        raise UserError(f"overrides file {path}: {pattern!r} must map to \"float\" or {{\"wbits\": N, \"abits\": N}}")
+    bits = LayerBits(value.get("wbits", END_BITS), value.get("abits", END_BITS))
+    check_bits(bits.wbits, f"overrides file {path}: {pattern!r} wbits")
+    check_bits(bits.abits, f"overrides file {path}: {pattern!r} abits")
+    return bits

@@ -1,0 +1,169 @@
+"""The whole job, `onnxmodcap quantize`, as one function: each pipeline stage in order.
+
+model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (reconstruct) -> export -> validate
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibrate import build_quantizers, collect_activation_stats, load_calibration
+from .errors import UserError
+from .export import FORMATS, export_qdq
+from .mirror import NetworkMirror
+from .partition import partition
+from .plan import PlanOptions, make_plan, read_overrides
+from .prepare import prepare
+from .preprocess import preprocessing_for_onnx
+from .quantizers import INIT_METHODS
+from .validate import require_parity, validate
+
+METHODS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Every option of `onnxmodcap quantize`; the CLI flags map one to one onto these fields."""
+
+    output: str | None = None
+    bits: int | None = 4
+    wbits: int | None = None
+    abits: int | None = None
+    method: str = "rtn"
+    init: str = "lp"
+    target: str = "ort"
+    format: str = "qdq"
+    keep_ends: bool = True
+    exclude: tuple[str, ...] = ()
+    overrides: str | None = None
+    num_calib: int | None = None
+    batch_size: int = 32
+    report: str | None = None
+    device: str = "cpu"
+    provider: str = "auto"
+    seed: int = 0
+    preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
+
+    @property
+    def weight_bits(self) -> int:
+        return self.wbits if self.wbits is not None else self.bits
+
+    @property
+    def activation_bits(self) -> int:
+        return self.abits if self.abits is not None else self.bits
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    report: dict
+
+
+def quantize(model: str | os.PathLike, calib: str | os.PathLike, **options) -> QuantizeResult:
+    """Quantize `model` with calibration data `calib`; keyword options as in QuantizeConfig."""
+    unknown = set(options) - set(QuantizeConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    return run(Path(model), Path(calib), QuantizeConfig(**options))
+
+
+def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeResult:
+    started = time.monotonic()
+    check_options(config)
+    output = output_path(model_path, config)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+
+    prepared = prepare(model_path)
+    units = partition(prepared.model)
+    plan = make_plan(prepared.model, PlanOptions(
+        wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
+        keep_ends=config.keep_ends, exclude=config.exclude,
+        overrides=read_overrides(config.overrides) if config.overrides else {},
+    ))
+    mirror = NetworkMirror(prepared.model, units).eval().to(device)
+
+    preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
+    input_shape = graph_input_shape(prepared.model)
+    data = load_calibration(calib_path, preprocessing, input_shape, config.num_calib)
+    stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
+    quantizers = build_quantizers(mirror, plan, stats, config.init)
+    mirror.attach(quantizers)
+    mirror.to(device)
+
+    exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
+        "method": config.method, "wbits": config.weight_bits, "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
+    })
+    serialized = exported.SerializeToString()
+    validation = validate(serialized, str(model_path), mirror, data.parity, data.parity_held_out, device,
+                          config.provider)
+    require_parity(validation)
+    write_atomically(output, serialized)
+    report = {
+        "model": str(model_path), "output": str(output), "config": asdict(config),
+        "preprocessing": asdict(preprocessing), "notes": prepared.notes,
+        "units": [u.to_dict() for u in units], "plan": plan.to_dict(),
+        "calibration": {"images": len(data.inputs), "skipped": data.skipped},
+        "validation": validation.to_dict(), "seconds": round(time.monotonic() - started, 2),
+    }
+    if config.report:
+        write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
+    return QuantizeResult(output, report)
+
+
+def check_options(config: QuantizeConfig) -> None:
+    if config.method not in METHODS:
+        raise UserError(f"unknown method {config.method!r}: choose {', '.join(METHODS)}")
+    if config.init not in INIT_METHODS:
+        raise UserError(f"unknown initialisation {config.init!r}: choose {', '.join(INIT_METHODS)}")
+    if config.format not in FORMATS:
+        raise UserError(f"unknown format {config.format!r}: choose {' or '.join(FORMATS)}")
+    if config.format == "native" and config.target == "tensorrt":
+        raise UserError("--format native is for ONNX Runtime; TensorRT needs --format qdq")
+    if config.weight_bits is None or config.activation_bits is None:
+        raise UserError("give --bits, or both --wbits and --abits")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA device")
+
+
+def output_path(model_path: Path, config: QuantizeConfig) -> Path:
+    output = Path(config.output) if config.output else \
+        model_path.with_name(f"{model_path.stem}.w{config.weight_bits}a{config.activation_bits}.onnx")
+    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
+        raise UserError(f"the output path is the input model: {output}")
+    folder = output.parent
+    if not folder.is_dir():
+        raise UserError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder is not writable: {folder}")
+    return output
+
+
+def graph_input_shape(model) -> tuple:
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} graph inputs; quantization needs exactly one image input")
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim)
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
