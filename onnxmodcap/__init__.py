@@ -6,3 +6,12 @@ try:
     __version__ = version("onnxmodcap")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
+
+
+def __getattr__(name: str):
+    # `onnxmodcap.quantize(...)` without importing torch for `onnxmodcap --version`.
+    if name == "quantize":
+        from .quantize import quantize
+
+        return quantize
+    raise AttributeError(f"module 'onnxmodcap' has no attribute {name!r}")

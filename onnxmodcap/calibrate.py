@@ -6,7 +6,6 @@ Calibration data is an image folder (JPEG/PNG of any size, through the shared pr
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,8 +85,6 @@ def read_images(path: Path, preprocessing: Preprocessing, wanted: int) -> tuple[
     images = open_images(path).spread(wanted)
     skipped = Skipped()
     batches = [b.inputs for b in prepared_batches(images, preprocessing, 64, skipped)]
-    for name, reason in skipped.entries:
-        warnings.warn(f"skipped calibration image {name}: {reason}", stacklevel=2)
     if not batches:
         raise UserError(f"{path} has no usable calibration images ({len(skipped)} could not be read)")
     return np.concatenate(batches), skipped

@@ -115,5 +115,73 @@ def format_evaluation(result) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--calib", required=True, type=click.Path(path_type=str),
+              help="Calibration images (folder of JPEG/PNG, any size), a .npz of uint8 images, "
+                   "or a .npy/.npz of ready model inputs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
+              help="Output file (default: MODEL_STEM.w{W}a{A}.onnx beside MODEL).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits for weights and activations (2..8).")
+@click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
+@click.option("--abits", type=int, help="Activation bits (overrides --bits).")
+@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True,
+              help="rtn: round to nearest after scale initialisation.")
+@click.option("--init", type=click.Choice(["lp", "minmax", "percentile"]), default="lp", show_default=True,
+              help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
+@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
+              help="ort: asymmetric grids allowed. tensorrt: zero point 0, INT8 containers, Conv+Add fusable.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "native"]), default="qdq", show_default=True,
+              help="qdq: int8 containers carrying any grid exactly. native: INT2/INT4 types (opset 25/21).")
+@click.option("--no-keep-ends", is_flag=True, help="Quantize the first and last weighted layers to --bits too "
+                                                     "(default: they stay at 8 bits).")
+@click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
+@click.option("--overrides", type=click.Path(dir_okay=False, path_type=str),
+              help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
+@click.option("--num-calib", type=int, help="Calibration images to use (default: all, at most 1024).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--report", type=click.Path(dir_okay=False, path_type=str), help="Write the JSON report here.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where torch runs calibration (and reconstruction).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocessing_options
+@user_errors
+def quantize(model, calib, fmt, no_keep_ends, exclude, input_size, resize, mean, std, scale, color, layout,
+             **options):
+    """Quantize MODEL with calibration data and write a QDQ ONNX model validated in ONNX Runtime."""
+    from .quantize import quantize as run_quantize
+
+    preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
+                  "color": color, "layout": layout}
+    result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, exclude=tuple(exclude),
+                          preprocess=preprocess, **options)
+    skipped = result.report["calibration"]["skipped"]
+    for name, reason in skipped[:10]:
+        click.echo(f"warning: skipped {name}: {reason}", err=True)
+    if skipped:
+        click.echo(f"warning: skipped {len(skipped)} calibration images that could not be read or converted",
+                   err=True)
+    click.echo(f"wrote {result.output}")
+    click.echo(result.validation.summary())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@user_errors
+def check(model, target):
+    """Lint a QDQ MODEL against TensorRT's explicit-quantization rules; list each violation."""
+    from .check import check_tensorrt
+
+    violations = check_tensorrt(model)
+    for violation in violations:
+        click.echo(str(violation))
+    if violations:
+        raise UserError(f"{len(violations)} TensorRT rule violations in {model}")
+    click.echo(f"{model}: no TensorRT rule violations")
+
+
 if __name__ == "__main__":
     main(prog_name="onnxmodcap")

@@ -7,9 +7,11 @@ Clip -> QuantizeLinear(int8, zero point 0) -> DequantizeLinear, the Clip carryin
 exactly, and left out where the grid is the container's full range (8-bit grids use uint8 with their
 zero point when they do not fit int8).
 
-`native` format: the smallest ONNX integer type that holds the grid (INT2/UINT2 from opset 25,
-INT4/UINT4 from opset 21, else 8-bit) with the grid's own zero point, and a Clip only where the
-grid is narrower than the type.
+`native` format: weights in the smallest ONNX integer type that holds their grid (INT2/UINT2 from
+opset 25, INT4/UINT4 from opset 21, else 8-bit) with the grid's own zero point: smaller files.
+Activations stay in 8-bit containers: ONNX Runtime 1.31's QDQ optimizers fail on sub-byte activation
+Q/DQ (they move a UINT4 QuantizeLinear in front of MaxPool, and their Clip fusion rejects a UINT4
+zero point), so native activations would not load.
 
 Every quantized tensor keeps its name: its producer writes `<name>_float` and DequantizeLinear
 writes `<name>`, so consumers and graph outputs need no rewiring.
@@ -85,8 +87,10 @@ def native_encoding(grid: Grid) -> Encoding:
     return Encoding(fitting, shifted=False)
 
 
-def choose_encoding(fmt: str, quantizer: Quantizer) -> Encoding:
-    return qdq_encoding(quantizer.grid, quantizer.zero_point) if fmt == "qdq" else native_encoding(quantizer.grid)
+def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding:
+    if fmt == "native" and is_weight:
+        return native_encoding(quantizer.grid)
+    return qdq_encoding(quantizer.grid, quantizer.zero_point)
 
 
 def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
@@ -103,13 +107,13 @@ def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: Quanti
     opset = QDQ_OPSET
     with torch.no_grad():
         for tensor, quantizer in quantizers.weights.items():
-            encoding = choose_encoding(fmt, quantizer)
+            encoding = choose_encoding(fmt, quantizer, is_weight=True)
             writer.dequantized_constant(tensor, constants[tensor], quantizer, encoding)
             opset = max(opset, encoding.container.opset)
         for tensor, bias in quantizers.biases.items():
             writer.replace_constant(tensor, bias(constants[tensor]))
         for tensor, quantizer in quantizers.activations.items():
-            encoding = choose_encoding(fmt, quantizer)
+            encoding = choose_encoding(fmt, quantizer, is_weight=False)
             writer.quantized_activation(tensor, quantizer, encoding)
             opset = max(opset, encoding.container.opset)
     writer.finish()

@@ -24,7 +24,7 @@ from .plan import PlanOptions, make_plan, read_overrides
 from .prepare import prepare
 from .preprocess import preprocessing_for_onnx
 from .quantizers import INIT_METHODS
-from .validate import require_parity, validate
+from .validate import Validation, require_parity, validate
 
 METHODS = ("rtn",)
 
@@ -65,6 +65,7 @@ class QuantizeConfig:
 class QuantizeResult:
     output: Path
     report: dict
+    validation: Validation
 
 
 def quantize(model: str | os.PathLike, calib: str | os.PathLike, **options) -> QuantizeResult:
@@ -116,7 +117,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     }
     if config.report:
         write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
-    return QuantizeResult(output, report)
+    return QuantizeResult(output, report, validation)
 
 
 def check_options(config: QuantizeConfig) -> None:
@@ -157,12 +158,19 @@ def graph_input_shape(model) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, content: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(content)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
