@@ -11,7 +11,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 def __getattr__(name: str):
     # `onnxmodcap.quantize(...)` without importing torch for `onnxmodcap --version`.
     if name == "quantize":
-        from .quantize import quantize
+        from .pipeline import quantize
 
         return quantize
     raise AttributeError(f"module 'onnxmodcap' has no attribute {name!r}")

@@ -151,7 +151,7 @@ def format_evaluation(result) -> str:
 def quantize(model, calib, fmt, no_keep_ends, exclude, input_size, resize, mean, std, scale, color, layout,
              **options):
     """Quantize MODEL with calibration data and write a QDQ ONNX model validated in ONNX Runtime."""
-    from .quantize import quantize as run_quantize
+    from .pipeline import quantize as run_quantize
 
     preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
                   "color": color, "layout": layout}

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from . import __version__
 from .errors import UserError
 from .mirror import NetworkMirror
+from .partition import float_layers
 from .quantizers import Grid, Quantizer, QuantizerSet
 
 FORMATS = ("qdq", "native")
@@ -116,6 +117,7 @@ def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: Quanti
             encoding = choose_encoding(fmt, quantizer, is_weight=False)
             writer.quantized_activation(tensor, quantizer, encoding)
             opset = max(opset, encoding.container.opset)
+    writer.read_float_inputs(float_layers(model, quantizers.weights))
     writer.finish()
     model = with_opset(model, opset)
     entries = {p.key: p.value for p in model.metadata_props}
@@ -147,6 +149,7 @@ class GraphWriter:
         self.after: dict[str, list[onnx.NodeProto]] = {}  # producer output -> nodes that follow it
         self.initializers: list[onnx.TensorProto] = []
         self.dropped: set[str] = set()
+        self.float_sources: dict[str, str] = {}  # dequantized tensor -> its float value
 
     def add_initializer(self, tensor: onnx.TensorProto) -> str:
         self.initializers.append(tensor)
@@ -182,6 +185,7 @@ class GraphWriter:
     def quantized_activation(self, name: str, quantizer: Quantizer, encoding: Encoding):
         source, result = self.detach_tensor(name)
         producer_output = source
+        self.float_sources[result] = source
         scale, zero = self.scale_and_zero_point(name, quantizer, encoding, per_channel=False)
         zero_point = float(quantizer.zero_point)
         nodes = []
@@ -215,6 +219,14 @@ class GraphWriter:
                 if tensor == name:
                     node.input[i] = f"{name}_dequantized"
         return name, f"{name}_dequantized"
+
+    def read_float_inputs(self, layers: set[str]) -> None:
+        """Layers kept in float read their inputs before quantization, as in the simulation. (Fed from
+        a DequantizeLinear, ONNX Runtime would quantize their weights itself.)"""
+        for node in self.graph.node:
+            if node.name in layers:
+                for i, tensor in enumerate(node.input):
+                    node.input[i] = self.float_sources.get(tensor, tensor)
 
     def finish(self) -> None:
         """Splice the new nodes in and replace the float initializers that are now dequantized."""

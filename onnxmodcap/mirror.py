@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UserError
 from .ops import OPS, Call, node_attributes
-from .partition import Unit, is_weighted
+from .partition import Unit, is_weighted, weight_input_index
 from .quantizers import QuantizerSet
 
 
@@ -54,21 +54,25 @@ class UnitMirror(nn.Module):
     """Executes one unit's ONNX nodes with torch ops on mirrored initializers.
 
     With quantizers attached, weights and biases are fake-quantized where they are read, and every
-    planned activation tensor is fake-quantized once, where it is produced (or, for a graph input,
-    where it enters), so all of its consumers see the same quantized values, as in the exported graph.
+    planned activation tensor is fake-quantized once, where it is produced or enters the unit, so all
+    of its quantized consumers see the same values, as in the exported graph. Layers kept in float
+    read the float value (in the export they read the tensor before its QuantizeLinear), and a unit
+    returns float outputs: the next unit quantizes them as they enter.
     """
 
-    def __init__(self, unit: Unit, model: onnx.ModelProto, graph_inputs: set[str]):
+    def __init__(self, unit: Unit, model: onnx.ModelProto):
         super().__init__()
         self.unit = unit
-        self.graph_inputs = graph_inputs & set(unit.inputs)
         opset = default_opset(model)
         by_name = {n.name: n for n in model.graph.node}
         nodes = [by_name[name] for name in unit.nodes]
         initializers = {t.name: t for t in model.graph.initializer}
         self.weights = nn.ParameterDict()
         self.keys: dict[str, str] = {}
-        learnable = {name for n in nodes if is_weighted(n, set(initializers)) for name in n.input[1:]}
+        constants = set(initializers)
+        learnable = {name for n in nodes if is_weighted(n, constants) for name in n.input[1:]}
+        self.layer_weights = {n.name: n.input[weight_input_index(n, constants)]
+                              for n in nodes if is_weighted(n, constants)}
         for name in dict.fromkeys(i for n in nodes for i in n.input if i in initializers):
             self.add_constant(name, numpy_helper.to_array(initializers[name]), name in learnable)
         self.calls = [
@@ -79,6 +83,7 @@ class UnitMirror(nn.Module):
         self.bias_quantizers = nn.ModuleDict()
         self.activation_quantizers = nn.ModuleDict()
         self.quantizer_keys: dict[str, str] = {}
+        self.float_layers: set[str] = set()
         self.observer: Callable[[str, torch.Tensor], None] | None = None
 
     def add_constant(self, name: str, array: np.ndarray, learnable: bool) -> None:
@@ -97,7 +102,8 @@ class UnitMirror(nn.Module):
 
     def attach(self, quantizers: QuantizerSet) -> None:
         """Take the quantizers of the tensors this unit reads (weights, biases) or produces."""
-        produced = {out for _, _, outs in self.calls for out in outs} | self.graph_inputs
+        produced = {out for _, _, outs in self.calls for out in outs} | set(self.unit.inputs)
+        self.float_layers = {node for node, weight in self.layer_weights.items() if weight not in quantizers.weights}
         groups = ((self.weight_quantizers, quantizers.weights, self.keys),
                   (self.bias_quantizers, quantizers.biases, self.keys),
                   (self.activation_quantizers, quantizers.activations, produced))
@@ -117,21 +123,27 @@ class UnitMirror(nn.Module):
             return self.bias_quantizers[key](value)
         return value
 
-    def produce(self, name: str, value: torch.Tensor) -> torch.Tensor:
+    def produce(self, name: str, value: torch.Tensor, floats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The value consumers read; the float value of a quantized tensor is kept in `floats`."""
         if self.observer is not None:
             self.observer(name, value)
         key = self.quantizer_keys.get(name)
-        return self.activation_quantizers[key](value) if key in self.activation_quantizers else value
+        if key not in self.activation_quantizers:
+            return value
+        floats[name] = value
+        return self.activation_quantizers[key](value)
 
     def forward(self, *inputs: torch.Tensor):
-        env = {name: self.produce(name, value) if name in self.graph_inputs else value
-               for name, value in zip(self.unit.inputs, inputs)}
+        floats: dict[str, torch.Tensor] = {}
+        env = {name: self.produce(name, value, floats) for name, value in zip(self.unit.inputs, inputs)}
         for call, input_names, output_names in self.calls:
-            args = [None if not n else env[n] if n in env else self.read_constant(n) for n in input_names]
+            source = floats if call.name in self.float_layers else {}
+            args = [None if not n else source[n] if n in source else env[n] if n in env else self.read_constant(n)
+                    for n in input_names]
             result = OPS[call.op_type](call, *args)
             results = result if isinstance(result, tuple) else (result,)
-            env.update((name, self.produce(name, value)) for name, value in zip(output_names, results))
-        outputs = tuple(env[name] for name in self.unit.outputs)
+            env.update((name, self.produce(name, value, floats)) for name, value in zip(output_names, results))
+        outputs = tuple(floats.get(name, env[name]) for name in self.unit.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
 
@@ -144,7 +156,7 @@ class NetworkMirror(nn.Module):
         constants = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in constants]
         self.output_names = [o.name for o in model.graph.output]
-        self.units = nn.ModuleList(UnitMirror(unit, model, set(self.input_names)) for unit in units)
+        self.units = nn.ModuleList(UnitMirror(unit, model) for unit in units)
 
     def attach(self, quantizers: QuantizerSet) -> None:
         for unit in self.units:

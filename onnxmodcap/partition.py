@@ -76,6 +76,20 @@ def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
     return len(node.input) > 1 and node.input[1] in constants
 
 
+def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
+    """Which input of a weighted node is its weight (a MatMul may carry it first)."""
+    if node.op_type == "MatMul" and node.input[1] not in constants:
+        return 0
+    return 1
+
+
+def float_layers(model: onnx.ModelProto, quantized_weights) -> set[str]:
+    """Weighted nodes whose weight is not quantized: they read their inputs in float."""
+    constants = {t.name for t in model.graph.initializer}
+    return {n.name for n in model.graph.node
+            if is_weighted(n, constants) and n.input[weight_input_index(n, constants)] not in quantized_weights}
+
+
 def partition(model: onnx.ModelProto) -> list[Unit]:
     constants = {t.name for t in model.graph.initializer}
     segments = split_at_cut_points(model, constants)

@@ -17,7 +17,7 @@ import onnx
 import yaml
 
 from .errors import UserError
-from .partition import is_weighted
+from .partition import is_weighted, weight_input_index
 from .quantizers import Grid
 
 TARGETS = ("ort", "tensorrt")
@@ -128,12 +128,6 @@ def layer_bits(name: str, index: int, count: int, options: PlanOptions) -> Layer
     if options.keep_ends and index in (0, count - 1):
         return LayerBits(END_BITS, END_BITS)
     return LayerBits(options.wbits, options.abits)
-
-
-def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
-    if node.op_type == "MatMul" and node.input[1] not in constants:
-        return 0
-    return 1
 
 
 def output_channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight_index: int) -> int | None:

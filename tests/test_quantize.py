@@ -1,0 +1,224 @@
+"""quantize end to end: export parity with ONNX Runtime, TensorRT rules, the plan, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from zoo import ZOO
+
+import onnxmodcap
+from onnxmodcap.check import check_tensorrt
+from onnxmodcap.cli import main
+from onnxmodcap.errors import UserError
+from onnxmodcap.validate import MIN_EXACT_IMAGES
+
+CALIB, PARITY = 96, 64
+
+
+@pytest.fixture(scope="module")
+def calib_tensors(tmp_path_factory):
+    """Ready model inputs for the zoo's 3x32x32 models: calibration plus held-out parity images."""
+    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((CALIB + PARITY, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def quantize_zoo(exported_model, calib, tmp_path, name, wbits, abits, target="ort", fmt="qdq"):
+    path, _ = exported_model(name, "legacy")
+    output = tmp_path / f"{name}.w{wbits}a{abits}.{target}.{fmt}.onnx"
+    return onnxmodcap.quantize(path, calib, wbits=wbits, abits=abits, target=target, format=fmt,
+                               output=str(output), num_calib=CALIB)
+
+
+def assert_parity(result):
+    validation = result.validation
+    assert validation.held_out and validation.images == PARITY
+    assert validation.parity_ok
+    assert validation.exact_images >= MIN_EXACT_IMAGES
+    assert result.output.exists()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("wbits, abits, target", [(4, 4, "ort"), (2, 4, "tensorrt")])
+def test_every_architecture_exports_with_parity(exported_model, calib_tensors, tmp_path, name, wbits, abits, target):
+    result = quantize_zoo(exported_model, calib_tensors, tmp_path, name, wbits, abits, target)
+    assert_parity(result)
+    if target == "tensorrt":
+        assert check_tensorrt(str(result.output)) == []
+
+
+@pytest.mark.parametrize("target, fmt", [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")])
+@pytest.mark.parametrize("wbits, abits", [(8, 8), (4, 8), (4, 4), (2, 4)])
+def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path, wbits, abits, target, fmt):
+    result = quantize_zoo(exported_model, calib_tensors, tmp_path, "mobilenetv2", wbits, abits, target, fmt)
+    assert_parity(result)
+    model = onnx.load(result.output)
+    metadata = json.loads({p.key: p.value for p in model.metadata_props}["onnxmodcap.quantization"])
+    assert (metadata["wbits"], metadata["abits"], metadata["target"], metadata["format"]) == (wbits, abits, target, fmt)
+    weight_types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+    if fmt == "native" and wbits < 8:
+        expected_type = {2: onnx.TensorProto.UINT2, 4: onnx.TensorProto.UINT4}[wbits]
+        assert expected_type in weight_types
+    else:
+        assert weight_types == {onnx.TensorProto.INT8}
+
+
+def test_first_and_last_layers_stay_8_bit_and_exclude_keeps_float(exported_model, calib_tensors, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    result = onnxmodcap.quantize(path, calib_tensors, bits=2, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
+                                 exclude=(r"/layer4/.*",))
+    weights = result.report["plan"]["weights"]
+    assert weights[0]["bits"] == 8 and weights[-1]["bits"] == 8
+    assert {w["bits"] for w in weights[1:-1]} == {2}
+    assert not any(w["node"].startswith("/layer4/") for w in weights)
+    model = onnx.load(result.output)
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("/layer4/")}
+    float_initializers = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert conv_weights and conv_weights <= float_initializers
+
+
+def test_overrides_file_sets_bits_by_regex(exported_model, calib_tensors, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    overrides = tmp_path / "bits.yaml"
+    overrides.write_text('layers:\n  "/layer1/.*": {wbits: 6, abits: 8}\n  "/layer2/layer2.0/conv1/Conv": float\n')
+    result = onnxmodcap.quantize(path, calib_tensors, bits=4, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
+                                 overrides=str(overrides))
+    bits = {w["node"]: w["bits"] for w in result.report["plan"]["weights"]}
+    assert all(b == 6 for node, b in bits.items() if node.startswith("/layer1/"))
+    assert "/layer2/layer2.0/conv1/Conv" not in bits
+    assert bits["/layer3/layer3.0/conv1/Conv"] == 4
+
+
+def test_input_model_untouched_and_default_output_name(exported_model, calib_tensors, tmp_path):
+    path, _ = exported_model("squeezenet", "legacy")
+    model_copy = tmp_path / "net.onnx"
+    model_copy.write_bytes(path.read_bytes())
+    before = hashlib.sha256(model_copy.read_bytes()).hexdigest()
+    result = onnxmodcap.quantize(model_copy, calib_tensors, bits=4, num_calib=CALIB)
+    assert result.output == tmp_path / "net.w4a4.onnx"
+    assert hashlib.sha256(model_copy.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.w4a4.onnx"]
+
+
+def write_images(folder, count, size=(40, 36), mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def test_image_folder_calibration_of_any_size(exported_model, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    images = write_images(tmp_path / "imgs", 40, size=(50, 41))
+    result = onnxmodcap.quantize(path, images, bits=4, output=str(tmp_path / "q.onnx"),
+                                 preprocess={"mean": "0.5,0.5,0.5", "std": "0.25,0.25,0.25"})
+    assert result.report["calibration"]["images"] == 40
+    assert result.validation.parity_ok
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def resnet(exported_model, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    return path
+
+
+def assert_cli_error(result, message, output=None):
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {message}"
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    if output is not None:
+        assert not output.exists()
+        assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}")]
+
+
+def test_bits_out_of_range(resnet, calib_tensors, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert_cli_error(run_cli("quantize", resnet, "--calib", calib_tensors, "--bits", 9, "-o", out),
+                     "weight bits must be between 2 and 8, got 9", out)
+    assert_cli_error(run_cli("quantize", resnet, "--calib", calib_tensors, "--wbits", 4, "--abits", 1, "-o", out),
+                     "activation bits must be between 2 and 8, got 1", out)
+
+
+def test_empty_calibration_folder(resnet, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", resnet, "--calib", tmp_path / "empty", "-o", out)
+    assert_cli_error(result, f"{tmp_path / 'empty'} has no images (.bmp, .jpeg, .jpg, .pgm, .png, .ppm, .tif, "
+                             ".tiff, .webp)", out)
+
+
+def test_unreadable_calibration_images(resnet, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}.png").write_bytes(b"not a png")
+    out = tmp_path / "q.onnx"
+    assert_cli_error(run_cli("quantize", resnet, "--calib", folder, "-o", out),
+                     f"{folder} has no usable calibration images (3 could not be read)", out)
+
+
+def test_inputs_that_do_not_fit_the_model(resnet, tmp_path):
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((8, 3, 16, 16), np.float32))
+    out = tmp_path / "q.onnx"
+    assert_cli_error(run_cli("quantize", resnet, "--calib", wrong, "-o", out),
+                     f"calibration inputs from {wrong} have shape 3x16x16, the model expects 3x32x32", out)
+
+
+def test_fewer_images_than_num_calib(resnet, calib_tensors, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert_cli_error(run_cli("quantize", resnet, "--calib", calib_tensors, "--num-calib", 500, "-o", out),
+                     f"{calib_tensors} has {CALIB + PARITY} usable calibration inputs, fewer than --num-calib 500", out)
+
+
+def test_output_equal_to_input(resnet, calib_tensors):
+    before = hashlib.sha256(resnet.read_bytes()).hexdigest()
+    assert_cli_error(run_cli("quantize", resnet, "--calib", calib_tensors, "-o", resnet),
+                     f"the output path is the input model: {resnet}")
+    assert hashlib.sha256(resnet.read_bytes()).hexdigest() == before
+
+
+def test_output_folder_missing(resnet, calib_tensors, tmp_path):
+    out = tmp_path / "nowhere" / "q.onnx"
+    assert_cli_error(run_cli("quantize", resnet, "--calib", calib_tensors, "-o", out),
+                     f"output folder does not exist: {tmp_path / 'nowhere'}")
+    assert not out.parent.exists()
+
+
+def test_model_without_weighted_layers(tmp_path, calib_tensors):
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 32, 32])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), path)
+    with pytest.raises(UserError, match=r"^the model has no weighted layers"):
+        onnxmodcap.quantize(path, calib_tensors)
+
+
+def test_cli_quantize_and_tensorrt_check(resnet, calib_tensors, tmp_path):
+    out, report = tmp_path / "trt.onnx", tmp_path / "report.json"
+    result = run_cli("quantize", resnet, "--calib", calib_tensors, "--num-calib", CALIB, "--bits", 4,
+                     "--target", "tensorrt", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert json.loads(report.read_text())["validation"]["parity_ok"] is True
+    checked = run_cli("check", out, "--target", "tensorrt")
+    assert checked.exit_code == 0 and checked.output.strip() == f"{out}: no TensorRT rule violations"
+    ort_model = tmp_path / "ort.onnx"
+    assert run_cli("quantize", resnet, "--calib", calib_tensors, "--num-calib", CALIB, "-o", ort_model).exit_code == 0
+    violations = run_cli("check", ort_model)
+    assert violations.exit_code == 2
+    assert "zero point type UINT8, TensorRT needs INT8" in violations.output
