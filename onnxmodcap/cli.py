@@ -125,8 +125,12 @@ def format_evaluation(result) -> str:
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits for weights and activations (2..8).")
 @click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
 @click.option("--abits", type=int, help="Activation bits (overrides --bits).")
-@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True,
-              help="rtn: round to nearest after scale initialisation.")
+@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop"]), default="rtn", show_default=True,
+              help="rtn: round to nearest after scale initialisation. brecq: block reconstruction with "
+                   "AdaRound + LSQ. qdrop: brecq with random quantization drop.")
+@click.option("--preset", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
+              help="Reconstruction settings: paper (20k iterations per unit) or fast (1k).")
+@click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
 @click.option("--init", type=click.Choice(["lp", "minmax", "percentile"]), default="lp", show_default=True,
               help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
@@ -139,7 +143,8 @@ def format_evaluation(result) -> str:
 @click.option("--overrides", type=click.Path(dir_okay=False, path_type=str),
               help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
 @click.option("--num-calib", type=int, help="Calibration images to use (default: all, at most 1024).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Batch size of calibration and of reconstruction.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=str), help="Write the JSON report here.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where torch runs calibration (and reconstruction).")

@@ -114,6 +114,19 @@ class UnitMirror(nn.Module):
                     modules[key] = quantizer
                     self.quantizer_keys[tensor] = key
 
+    def quantizer_modules(self) -> list[nn.Module]:
+        return [*self.weight_quantizers.values(), *self.bias_quantizers.values(),
+                *self.activation_quantizers.values()]
+
+    def set_quantization(self, enabled: bool) -> None:
+        for module in self.quantizer_modules():
+            module.enabled = enabled
+
+    def quantized_weights(self) -> list[tuple[torch.Tensor, nn.Module]]:
+        """(weight, its quantizer) for every quantized weight this unit reads."""
+        return [(self.constant(name), self.weight_quantizers[key]) for name, key in self.quantizer_keys.items()
+                if key in self.weight_quantizers]
+
     def read_constant(self, name: str) -> torch.Tensor:
         value = self.constant(name)
         key = self.quantizer_keys.get(name)
@@ -161,6 +174,11 @@ class NetworkMirror(nn.Module):
     def attach(self, quantizers: QuantizerSet) -> None:
         for unit in self.units:
             unit.attach(quantizers)
+
+    def set_quantization(self, enabled: bool) -> None:
+        """Switch every quantizer on (the simulated quantized model) or off (the float model)."""
+        for unit in self.units:
+            unit.set_quantization(enabled)
 
     def observe(self, observer: Callable[[str, torch.Tensor], None] | None) -> None:
         """Call `observer(tensor_name, value)` for every tensor the units produce (None: stop)."""

@@ -24,9 +24,11 @@ from .plan import PlanOptions, make_plan, read_overrides
 from .prepare import prepare
 from .preprocess import preprocessing_for_onnx
 from .quantizers import INIT_METHODS
+from .reconstruct import METHODS as RECONSTRUCTION_METHODS
+from .reconstruct import PRESETS, ReconstructionSettings, reconstruct, results_to_dicts
 from .validate import Validation, require_parity, validate
 
-METHODS = ("rtn",)
+METHODS = ("rtn", *RECONSTRUCTION_METHODS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class QuantizeConfig:
     wbits: int | None = None
     abits: int | None = None
     method: str = "rtn"
+    preset: str = "paper"  # reconstruction settings: "paper" (published defaults) or "fast"
+    iters: int | None = None  # reconstruction iterations per unit (overrides the preset)
     init: str = "lp"
     target: str = "ort"
     format: str = "qdq"
@@ -99,9 +103,13 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     quantizers = build_quantizers(mirror, plan, stats, config.init)
     mirror.attach(quantizers)
     mirror.to(device)
+    units_report = []
+    if config.method != "rtn":
+        units_report = results_to_dicts(reconstruct(mirror, data.inputs, reconstruction_settings(config), device,
+                                                    config.seed))
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
-        "method": config.method, "wbits": config.weight_bits, "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
+        "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits, "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
     })
     serialized = exported.SerializeToString()
     validation = validate(serialized, str(model_path), mirror, data.parity, data.parity_held_out, device,
@@ -113,6 +121,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
         "preprocessing": asdict(preprocessing), "notes": prepared.notes,
         "units": [u.to_dict() for u in units], "plan": plan.to_dict(),
         "calibration": {"images": len(data.inputs), "skipped": data.skipped},
+        "reconstruction": units_report,
         "validation": validation.to_dict(), "seconds": round(time.monotonic() - started, 2),
     }
     if config.report:
@@ -120,9 +129,20 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     return QuantizeResult(output, report, validation)
 
 
+def reconstruction_settings(config: QuantizeConfig) -> ReconstructionSettings:
+    chosen = {**PRESETS[config.preset], "method": config.method, "batch_size": config.batch_size}
+    if config.iters is not None:
+        chosen["iters"] = config.iters
+    return ReconstructionSettings(**chosen)
+
+
 def check_options(config: QuantizeConfig) -> None:
     if config.method not in METHODS:
         raise UserError(f"unknown method {config.method!r}: choose {', '.join(METHODS)}")
+    if config.preset not in PRESETS:
+        raise UserError(f"unknown preset {config.preset!r}: choose {', '.join(PRESETS)}")
+    if config.iters is not None and config.iters < 1:
+        raise UserError(f"--iters must be at least 1, got {config.iters}")
     if config.init not in INIT_METHODS:
         raise UserError(f"unknown initialisation {config.init!r}: choose {', '.join(INIT_METHODS)}")
     if config.format not in FORMATS:

@@ -7,6 +7,7 @@ torch.round and ONNX QuantizeLinear both do. Weights carry one (s, z) per output
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,44 @@ def integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, gri
     return torch.clamp(torch.round(x / scale) + zero_point, grid.qmin, grid.qmax)
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x in the forward pass; its gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
 class Quantizer(nn.Module):
-    """Per-tensor (axis None) or per-channel fake quantizer with buffers `scale` and `zero_point`."""
+    """Per-tensor (axis None) or per-channel fake quantizer.
+
+    States used by reconstruction, all off after calibration:
+    - `learning`: straight-through rounding and an LSQ-scaled gradient for `scale`;
+    - `alpha` (weights): AdaRound's rounding variables; soft until `hard_rounding` is set;
+    - `drop_prob`: QDrop, each element keeps its float value with this probability;
+    - `enabled` False: the identity (the float model).
+    """
 
     def __init__(self, grid: Grid, channels: int = 1, axis: int | None = None):
         super().__init__()
         self.grid = grid
         self.axis = axis
-        self.register_buffer("scale", torch.ones(channels))
+        self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(channels))
+        self.alpha: nn.Parameter | None = None
+        self.hard_rounding = False
+        self.learning = False
+        self.drop_prob = 0.0
+        self.enabled = True
 
     def broadcast(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.axis is None:
@@ -70,18 +100,47 @@ class Quantizer(nn.Module):
         return values.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.broadcast(self.scale, x), self.broadcast(self.zero_point, x), self.grid)
+        if not self.enabled:
+            return x
+        scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
+        if self.learning and self.alpha is None:
+            scale = scale_gradient(scale, 1.0 / math.sqrt(x[0].numel() * self.grid.qmax))
+            x_int = torch.clamp(round_ste(x / scale) + zero_point, self.grid.qmin, self.grid.qmax)
+        else:
+            x_int = self.integer_values(x, scale, zero_point)
+        quantized = (x_int - zero_point) * scale
+        if self.drop_prob:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, quantized)
+        return quantized
+
+    def integer_values(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        if self.alpha is None:
+            return integers(x, scale, zero_point, self.grid)
+        rounding = (self.alpha >= 0).to(x.dtype) if self.hard_rounding else rectified_sigmoid(self.alpha)
+        return torch.clamp(torch.floor(x / scale) + rounding + zero_point, self.grid.qmin, self.grid.qmax)
 
     def quantized_integers(self, x: torch.Tensor) -> torch.Tensor:
         """x_int - z: the values the exported int8/uint8 container holds when its zero point is 0."""
-        return integers(x, self.broadcast(self.scale, x), self.broadcast(self.zero_point, x), self.grid) - \
-            self.broadcast(self.zero_point, x)
+        scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
+        return self.integer_values(x, scale, zero_point) - zero_point
 
     def initialise(self, samples: torch.Tensor, method: str) -> None:
         """Set scale and zero point from `samples` shaped (channels, values)."""
         scale, zero_point = choose_range(samples.float(), self.grid, method)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+
+    def start_adaround(self, weight: torch.Tensor) -> None:
+        """AdaRound variables that start where the soft rounding equals frac(weight / scale)."""
+        scaled = weight.detach() / self.broadcast(self.scale, weight).detach()
+        fraction = scaled - torch.floor(scaled)
+        alpha = -torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha)
+        self.hard_rounding = False
+
+    def rounding_loss(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
 
 
 def choose_range(samples: torch.Tensor, grid: Grid, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,12 +199,15 @@ class BiasQuantizer(nn.Module):
     def __init__(self, activation: Quantizer, weight: Quantizer):
         super().__init__()
         self.sources = (activation, weight)
+        self.enabled = True
 
     def scale(self) -> torch.Tensor:
         activation, weight = self.sources
         return activation.scale.reshape(()) * weight.scale
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return bias
         scale = self.scale()
         return torch.clamp(torch.round(bias / scale), INT32_MIN, INT32_MAX) * scale
 

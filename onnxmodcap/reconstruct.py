@@ -1,0 +1,190 @@
+"""Stage 6, reconstruct: per unit, learn AdaRound weight rounding and LSQ activation scales so the
+quantized unit reproduces the float unit's output.
+
+Units are reconstructed in order. Unit k's target is the float model's output of unit k on the float
+input; its input is the output of the already quantized units before it. The objective is the output
+error (summed over channels, averaged over batch and positions) plus AdaRound's rounding loss, which
+is off for the first 20 % of iterations and then anneals beta from 20 to 2 (BRECQ). QDrop also mixes,
+element by element with probability 0.5, the quantized and the float unit input, and inside the unit
+the quantized and float value of every activation quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+from .mirror import NetworkMirror, UnitMirror
+
+METHODS = ("brecq", "qdrop")
+LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """Published defaults (BRECQ/QDrop): 20k iterations of batch 32 per unit, AdaRound with lambda
+    0.01 and beta 20 -> 2 after a 20 % warm-up, Adam 1e-3 on the rounding variables and 4e-5 with
+    cosine decay on the activation step sizes, QDrop probability 0.5."""
+
+    method: str = "qdrop"
+    iters: int = 20000
+    batch_size: int = 32
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    round_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    drop_prob: float = 0.5
+
+
+PRESETS = {
+    "paper": {},
+    # Measured on the shipped models: see BENCHMARKS.md for the accuracy it keeps.
+    "fast": {"iters": 1000},
+}
+
+
+@dataclass
+class UnitResult:
+    name: str
+    loss_before: float
+    loss_after: float
+    iterations: int
+    seconds: float
+
+
+def reconstruct(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings,
+                device: torch.device, seed: int) -> list[UnitResult]:
+    if settings.method not in METHODS:
+        raise UserError(f"unknown reconstruction method {settings.method!r}: choose {', '.join(METHODS)}")
+    if settings.iters < 1:
+        raise UserError(f"--iters must be at least 1, got {settings.iters}")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    float_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
+    quantized_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
+    results = []
+    overall = tqdm(total=len(mirror.units), desc="reconstructing", unit="unit")
+    for index, unit in enumerate(mirror.units):
+        float_inputs = float_stream.inputs_of(unit)
+        float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
+        quantized_inputs = quantized_stream.inputs_of(unit)
+        results.append(reconstruct_unit(unit, quantized_inputs, float_inputs, float_outputs, settings, device,
+                                        generator))
+        quantized_stream.advance(index, unit, quantized=True, device=device)
+        overall.update(1)
+        overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
+    overall.close()
+    return results
+
+
+class TensorStream:
+    """The tensors between units for all calibration images, as the float or the quantized model
+    computes them; tensors no later unit reads are dropped."""
+
+    def __init__(self, mirror: NetworkMirror, graph_inputs: dict[str, torch.Tensor]):
+        self.mirror = mirror
+        self.tensors = dict(graph_inputs)
+
+    def inputs_of(self, unit: UnitMirror) -> list[torch.Tensor]:
+        return [self.tensors[name] for name in unit.unit.inputs]
+
+    def advance(self, index: int, unit: UnitMirror, quantized: bool, device: torch.device) -> list[torch.Tensor]:
+        unit.set_quantization(quantized)
+        outputs = run_in_batches(unit, self.inputs_of(unit), device)
+        unit.set_quantization(True)
+        self.tensors.update(zip(unit.unit.outputs, outputs))
+        later = {name for mirror in self.mirror.units[index + 1:] for name in mirror.unit.inputs}
+        self.tensors = {name: value for name, value in self.tensors.items() if name in later}
+        return outputs
+
+
+def run_in_batches(unit: UnitMirror, inputs: list[torch.Tensor], device: torch.device,
+                   batch_size: int = 64) -> list[torch.Tensor]:
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(inputs[0]), batch_size):
+            result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
+            chunks.append([r.cpu() for r in (result if isinstance(result, tuple) else (result,))])
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def output_error(outputs, targets) -> torch.Tensor:
+    """Squared error summed over channels, averaged over batch and positions, summed over outputs."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    total = 0.0
+    for output, target in zip(outputs, targets):
+        squared = (output - target) ** 2
+        total = total + (squared.sum(1).mean() if squared.dim() > 1 else squared.mean())
+    return total
+
+
+def measure_loss(unit: UnitMirror, inputs, targets, device) -> float:
+    with torch.no_grad():
+        batch = [t[:LOSS_BATCHES].to(device) for t in inputs]
+        return float(output_error(unit(*batch), [t[:LOSS_BATCHES].to(device) for t in targets]))
+
+
+def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_outputs,
+                     settings: ReconstructionSettings, device: torch.device, generator: torch.Generator) -> UnitResult:
+    started = time.monotonic()
+    loss_before = measure_loss(unit, quantized_inputs, float_outputs, device)
+    weights = [quantizer for _, quantizer in unit.quantized_weights()]
+    activations = list(unit.activation_quantizers.values())
+    for weight, quantizer in unit.quantized_weights():
+        quantizer.start_adaround(weight)
+    for quantizer in activations:
+        quantizer.learning = True
+        quantizer.scale.requires_grad_(True)
+        quantizer.drop_prob = settings.drop_prob if settings.method == "qdrop" else 0.0
+    optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr)] if weights else []
+    schedulers = []
+    if activations:
+        act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr)
+        optimizers.append(act_optimizer)
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
+    count = len(quantized_inputs[0])
+    warmup = int(settings.warmup * settings.iters)
+    progress = tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False)
+    for step in progress:
+        picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
+        batch = [t[picks].to(device) for t in quantized_inputs]
+        if settings.method == "qdrop":
+            float_batch = [t[picks].to(device) for t in float_inputs]
+            batch = [torch.where(torch.rand_like(q) < settings.drop_prob, q, f) for q, f in zip(batch, float_batch)]
+        loss = output_error(unit(*batch), [t[picks].to(device) for t in float_outputs])
+        if step >= warmup and weights:
+            progress_fraction = (step - warmup) / max(1, settings.iters - warmup)
+            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
+                1 + math.cos(math.pi * progress_fraction))
+            loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4g}")
+    progress.close()
+    for quantizer in weights:
+        quantizer.hard_rounding = True
+        quantizer.alpha.requires_grad_(False)
+    for quantizer in activations:
+        quantizer.learning = False
+        quantizer.drop_prob = 0.0
+        quantizer.scale.requires_grad_(False)
+    loss_after = measure_loss(unit, quantized_inputs, float_outputs, device)
+    return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2))
+
+
+def results_to_dicts(results: list[UnitResult]) -> list[dict]:
+    return [asdict(r) for r in results]
