@@ -13,7 +13,7 @@ from .errors import UserError
 
 
 def user_errors(command):
-    """Turn a UserError into one `error:` line on stderr and exit code 2, never a traceback."""
+    """Turn a UserError into one `error:` line on stderr and its exit code, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -21,7 +21,7 @@ def user_errors(command):
             return command(*args, **kwargs)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(err.exit_code)
 
     return wrapper
 
@@ -131,6 +131,9 @@ def format_evaluation(result) -> str:
 @click.option("--preset", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
               help="Reconstruction settings: paper (20k iterations per unit) or fast (1k).")
 @click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
+              help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
 @click.option("--init", type=click.Choice(["lp", "minmax", "percentile"]), default="lp", show_default=True,
               help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,

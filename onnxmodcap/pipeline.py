@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .calibrate import build_quantizers, collect_activation_stats, load_calibration
-from .errors import UserError
+from .checkpoint import Checkpointer, run_fingerprint
+from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
 from .partition import partition
@@ -42,6 +45,8 @@ class QuantizeConfig:
     method: str = "rtn"
     preset: str = "paper"  # reconstruction settings: "paper" (published defaults) or "fast"
     iters: int | None = None  # reconstruction iterations per unit (overrides the preset)
+    work_dir: str | None = None  # checkpoints; default .<output name>.work beside the output
+    resume: bool = False
     init: str = "lp"
     target: str = "ort"
     format: str = "qdq"
@@ -104,9 +109,18 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     mirror.attach(quantizers)
     mirror.to(device)
     units_report = []
+    checkpointer = None
     if config.method != "rtn":
-        units_report = results_to_dicts(reconstruct(mirror, data.inputs, reconstruction_settings(config), device,
-                                                    config.seed))
+        checkpointer = Checkpointer(work_folder(output, config), run_fingerprint(
+            model_path.read_bytes(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
+            note=lambda message: tqdm.write(message, file=sys.stderr))
+        try:
+            units_report = results_to_dicts(reconstruct(mirror, quantizers, data.inputs,
+                                                        reconstruction_settings(config), device, config.seed,
+                                                        checkpointer, config.resume))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; finished units are checkpointed in {checkpointer.folder}: "
+                              "run the same command with --resume to continue") from None
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
         "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits, "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
@@ -116,6 +130,8 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
                           config.provider)
     require_parity(validation)
     write_atomically(output, serialized)
+    if checkpointer:
+        checkpointer.remove()
     report = {
         "model": str(model_path), "output": str(output), "config": asdict(config),
         "preprocessing": asdict(preprocessing), "notes": prepared.notes,
@@ -127,6 +143,16 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     if config.report:
         write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
     return QuantizeResult(output, report, validation)
+
+
+def work_folder(output: Path, config: QuantizeConfig) -> Path:
+    return Path(config.work_dir) if config.work_dir else output.with_name(f".{output.name}.work")
+
+
+def result_affecting(config: QuantizeConfig) -> dict:
+    """The options that change the output file (not where it goes or how it is checked)."""
+    ignored = {"output", "report", "work_dir", "resume", "provider"}
+    return {key: value for key, value in asdict(config).items() if key not in ignored}
 
 
 def reconstruction_settings(config: QuantizeConfig) -> ReconstructionSettings:

@@ -20,7 +20,9 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
+from .checkpoint import Checkpointer
 from .mirror import NetworkMirror, UnitMirror
+from .quantizers import QuantizerSet
 
 METHODS = ("brecq", "qdrop")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
@@ -60,28 +62,35 @@ class UnitResult:
     seconds: float
 
 
-def reconstruct(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings,
-                device: torch.device, seed: int) -> list[UnitResult]:
+def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,
+                settings: ReconstructionSettings, device: torch.device, seed: int,
+                checkpointer: Checkpointer | None = None, resume: bool = False) -> list[UnitResult]:
+    """Reconstruct every unit in order; after each, save a checkpoint when a checkpointer is given.
+    With `resume`, the quantizers of finished units come from the checkpoint and the run continues
+    from the next unit with the random state it would have had."""
     if settings.method not in METHODS:
         raise UserError(f"unknown reconstruction method {settings.method!r}: choose {', '.join(METHODS)}")
-    if settings.iters < 1:
-        raise UserError(f"--iters must be at least 1, got {settings.iters}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    resumed = checkpointer.load(quantizers) if checkpointer and resume else None
+    results = [UnitResult(**r) for r in resumed.results] if resumed else []
     float_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
     quantized_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
-    results = []
-    overall = tqdm(total=len(mirror.units), desc="reconstructing", unit="unit")
-    for index, unit in enumerate(mirror.units):
-        float_inputs = float_stream.inputs_of(unit)
-        float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
-        quantized_inputs = quantized_stream.inputs_of(unit)
-        results.append(reconstruct_unit(unit, quantized_inputs, float_inputs, float_outputs, settings, device,
-                                        generator))
-        quantized_stream.advance(index, unit, quantized=True, device=device)
-        overall.update(1)
-        overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
-    overall.close()
+    with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
+        for index, unit in enumerate(mirror.units):
+            float_inputs = float_stream.inputs_of(unit)
+            float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
+            if index >= len(results):
+                if resumed and index == resumed.completed:
+                    generator.set_state(resumed.generator_state)
+                    torch.set_rng_state(resumed.torch_state)
+                results.append(reconstruct_unit(unit, quantized_stream.inputs_of(unit), float_inputs,
+                                                float_outputs, settings, device, generator))
+                if checkpointer:
+                    checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
+                overall.update(1)
+                overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
+            quantized_stream.advance(index, unit, quantized=True, device=device)
     return results
 
 
@@ -150,31 +159,19 @@ def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_out
         act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr)
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
-    count = len(quantized_inputs[0])
-    warmup = int(settings.warmup * settings.iters)
-    progress = tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False)
-    for step in progress:
-        picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
-        batch = [t[picks].to(device) for t in quantized_inputs]
-        if settings.method == "qdrop":
-            float_batch = [t[picks].to(device) for t in float_inputs]
-            batch = [torch.where(torch.rand_like(q) < settings.drop_prob, q, f) for q, f in zip(batch, float_batch)]
-        loss = output_error(unit(*batch), [t[picks].to(device) for t in float_outputs])
-        if step >= warmup and weights:
-            progress_fraction = (step - warmup) / max(1, settings.iters - warmup)
-            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
-                1 + math.cos(math.pi * progress_fraction))
-            loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4g}")
-    progress.close()
+    with tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
+        for step in progress:
+            loss = training_step(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator,
+                                 weights, rounding_beta(step, settings) if weights else None)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            for scheduler in schedulers:
+                scheduler.step()
+            if step % 50 == 0:
+                progress.set_postfix(loss=f"{loss.item():.4g}")
     for quantizer in weights:
         quantizer.hard_rounding = True
         quantizer.alpha.requires_grad_(False)
@@ -184,6 +181,29 @@ def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_out
         quantizer.scale.requires_grad_(False)
     loss_after = measure_loss(unit, quantized_inputs, float_outputs, device)
     return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2))
+
+
+def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
+    """None during the warm-up (no rounding loss), then beta annealed from beta_start to beta_end."""
+    warmup = int(settings.warmup * settings.iters)
+    if step < warmup:
+        return None
+    fraction = (step - warmup) / max(1, settings.iters - warmup)
+    return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(math.pi * fraction))
+
+
+def training_step(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator, weights,
+                  beta: float | None) -> torch.Tensor:
+    count = len(quantized_inputs[0])
+    picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
+    batch = [t[picks].to(device) for t in quantized_inputs]
+    if settings.method == "qdrop":
+        float_batch = [t[picks].to(device) for t in float_inputs]
+        batch = [torch.where(torch.rand_like(q) < settings.drop_prob, q, f) for q, f in zip(batch, float_batch)]
+    loss = output_error(unit(*batch), [t[picks].to(device) for t in float_outputs])
+    if beta is not None:
+        loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
+    return loss
 
 
 def results_to_dicts(results: list[UnitResult]) -> list[dict]:

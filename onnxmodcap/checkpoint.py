@@ -1,0 +1,117 @@
+"""Checkpoints of a reconstruction run: after every unit, the state of every quantizer and of the
+random generators, so that `--resume` continues from the last finished unit and produces the same
+file as an uninterrupted run.
+
+A checkpoint is `state.pt` (tensors only, loaded with `weights_only=True`: no pickled code) and
+`state.json` (what run it belongs to, how many units are done, and the SHA-256 of `state.pt`). Both
+are written atomically; a checkpoint whose hash or run does not match is discarded with a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .quantizers import QuantizerSet
+
+STATE, INDEX = "state.pt", "state.json"
+
+
+@dataclass
+class Resumed:
+    completed: int
+    results: list[dict]
+    generator_state: torch.Tensor
+    torch_state: torch.Tensor
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, fingerprint: str, note: Callable[[str], None]):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.note = note
+
+    def save(self, completed: int, quantizers: QuantizerSet, results: list[dict], generator: torch.Generator) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = quantizer_state(quantizers)
+        state["rng/generator"] = generator.get_state()
+        state["rng/torch"] = torch.get_rng_state()
+        payload = self.write_atomically(STATE, lambda stream: torch.save(state, stream))
+        index = {"fingerprint": self.fingerprint, "completed": completed, "results": results,
+                 "sha256": hashlib.sha256(payload).hexdigest()}
+        self.write_atomically(INDEX, lambda stream: stream.write(json.dumps(index).encode()))
+
+    def write_atomically(self, name: str, write: Callable) -> bytes:
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+            os.replace(temporary, self.folder / name)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return (self.folder / name).read_bytes()
+
+    def load(self, quantizers: QuantizerSet) -> Resumed | None:
+        """The saved progress, with the quantizers restored; None when there is nothing usable."""
+        index_path, state_path = self.folder / INDEX, self.folder / STATE
+        if not index_path.exists() or not state_path.exists():
+            self.note(f"no checkpoint in {self.folder}: starting from the first unit")
+            return None
+        try:
+            index = json.loads(index_path.read_text())
+            payload = state_path.read_bytes()
+            if hashlib.sha256(payload).hexdigest() != index["sha256"]:
+                raise ValueError("hash mismatch")
+            if index["fingerprint"] != self.fingerprint:
+                self.note(f"checkpoint in {self.folder} belongs to another model, data or settings: discarded")
+                return None
+            state = torch.load(state_path, weights_only=True)
+            restore_quantizers(quantizers, state)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            self.note(f"checkpoint in {self.folder} is corrupted ({str(err).splitlines()[0]}): discarded")
+            return None
+        self.note(f"resuming after unit {index['completed']} from {self.folder}")
+        return Resumed(index["completed"], index["results"], state["rng/generator"], state["rng/torch"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def quantizer_state(quantizers: QuantizerSet) -> dict[str, torch.Tensor]:
+    state = {}
+    for kind, group in (("weight", quantizers.weights), ("activation", quantizers.activations)):
+        for name, quantizer in group.items():
+            state[f"{kind}/{name}/scale"] = quantizer.scale.detach().cpu().clone()
+            state[f"{kind}/{name}/zero_point"] = quantizer.zero_point.detach().cpu().clone()
+            if quantizer.alpha is not None:
+                state[f"{kind}/{name}/alpha"] = quantizer.alpha.detach().cpu().clone()
+                state[f"{kind}/{name}/hard"] = torch.tensor(quantizer.hard_rounding)
+    return state
+
+
+def restore_quantizers(quantizers: QuantizerSet, state: dict[str, torch.Tensor]) -> None:
+    for kind, group in (("weight", quantizers.weights), ("activation", quantizers.activations)):
+        for name, quantizer in group.items():
+            with torch.no_grad():
+                quantizer.scale.copy_(state[f"{kind}/{name}/scale"])
+                quantizer.zero_point.copy_(state[f"{kind}/{name}/zero_point"])
+            if f"{kind}/{name}/alpha" in state:
+                quantizer.alpha = torch.nn.Parameter(state[f"{kind}/{name}/alpha"].to(quantizer.scale.device),
+                                                     requires_grad=False)
+                quantizer.hard_rounding = bool(state[f"{kind}/{name}/hard"])
+
+
+def run_fingerprint(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()

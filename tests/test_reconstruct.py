@@ -1,0 +1,113 @@
+"""Reconstruction (BRECQ, QDrop): loss goes down, export parity holds, runs are deterministic, and an
+interrupted run resumes to the identical file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import onnxmodcap
+
+ITERS = 30
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((160, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+@pytest.fixture()
+def resnet(exported_model):
+    path, _ = exported_model("resnet18", "legacy")
+    return path
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib, tmp_path, method):
+    result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, iters=ITERS, num_calib=96,
+                                 output=str(tmp_path / "q.onnx"))
+    units = result.report["reconstruction"]
+    assert [u["name"] for u in units] == [u["name"] for u in result.report["units"]]
+    assert all(u["iterations"] == ITERS for u in units)
+    improved = [u["loss_after"] < u["loss_before"] for u in units[1:-1]]  # the 2-bit blocks
+    assert sum(improved) >= len(improved) - 1
+    assert result.validation.parity_ok and result.validation.held_out
+    assert not (tmp_path / ".q.onnx.work").exists()
+
+
+def test_same_seed_gives_identical_files(resnet, calib, tmp_path):
+    outputs = []
+    for name in ("a.onnx", "b.onnx"):
+        result = onnxmodcap.quantize(resnet, calib, bits=4, method="qdrop", iters=ITERS, num_calib=96,
+                                     output=str(tmp_path / name), seed=3)
+        outputs.append(result.output.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def quantize_command(model, calib, output, work, *extra):
+    return [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(model), "--calib", str(calib), "--bits", "4",
+            "--method", "qdrop", "--iters", "150", "--num-calib", "96", "-o", str(output), "--work-dir", str(work),
+            *extra]
+
+
+def wait_for_checkpoint(work, units, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        index = work / "state.json"
+        if index.exists() and json.loads(index.read_text())["completed"] >= units:
+            return
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(exported_model, calib, tmp_path_factory):
+    resnet, _ = exported_model("resnet18", "legacy")
+    folder = tmp_path_factory.mktemp("whole")
+    output = folder / "whole.onnx"
+    subprocess.run(quantize_command(resnet, calib, output, folder / "work"), check=True, capture_output=True)
+    return output.read_bytes()
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, uninterrupted, how):
+    output, work = tmp_path / "q.onnx", tmp_path / "work"
+    process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(work, 3, process)
+    os.kill(process.pid, how)
+    _, stderr = process.communicate(timeout=120)
+    assert not output.exists()
+    if how == signal.SIGINT:
+        assert process.returncode == 130
+        assert stderr.strip().splitlines()[-1] == (
+            f"error: interrupted; finished units are checkpointed in {work}: "
+            "run the same command with --resume to continue")
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after unit " in resumed.stderr
+    assert output.read_bytes() == uninterrupted
+    assert not work.exists()
+
+
+def test_corrupted_checkpoint_is_discarded(resnet, calib, tmp_path, uninterrupted):
+    output, work = tmp_path / "q.onnx", tmp_path / "work"
+    process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(work, 2, process)
+    process.kill()
+    process.wait()
+    state = work / "state.pt"
+    state.write_bytes(state.read_bytes()[:-100] + b"\0" * 100)
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint in {work} is corrupted (hash mismatch): discarded" in resumed.stderr
+    assert output.read_bytes() == uninterrupted
