@@ -148,7 +148,8 @@ def format_evaluation(result) -> str:
 @click.option("--num-calib", type=int, help="Calibration images to use (default: all, at most 1024).")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Batch size of calibration and of reconstruction.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=str), help="Write the JSON report here.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the JSON report here (and, after reconstruction, a PNG of the unit losses beside it).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where torch runs calibration (and reconstruction).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

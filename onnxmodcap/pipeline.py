@@ -23,6 +23,7 @@ from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
 from .partition import partition
+from .plot import plot_unit_losses
 from .plan import PlanOptions, make_plan, read_overrides
 from .prepare import prepare
 from .preprocess import preprocessing_for_onnx
@@ -142,6 +143,9 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     }
     if config.report:
         write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
+        if units_report:
+            plot_unit_losses(units_report, Path(config.report).with_suffix(".png"),
+                             f"{model_path.name} {config.method} W{config.weight_bits}A{config.activation_bits}")
     return QuantizeResult(output, report, validation)
 
 

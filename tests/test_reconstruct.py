@@ -33,8 +33,9 @@ def resnet(exported_model):
 
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])
 def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib, tmp_path, method):
+    report = tmp_path / "report.json"
     result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, iters=ITERS, num_calib=96,
-                                 output=str(tmp_path / "q.onnx"))
+                                 output=str(tmp_path / "q.onnx"), report=str(report))
     units = result.report["reconstruction"]
     assert [u["name"] for u in units] == [u["name"] for u in result.report["units"]]
     assert all(u["iterations"] == ITERS for u in units)
@@ -42,6 +43,8 @@ def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib
     assert sum(improved) >= len(improved) - 1
     assert result.validation.parity_ok and result.validation.held_out
     assert not (tmp_path / ".q.onnx.work").exists()
+    assert json.loads(report.read_text())["reconstruction"] == units
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_same_seed_gives_identical_files(resnet, calib, tmp_path):
