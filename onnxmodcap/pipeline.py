@@ -13,21 +13,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .calibrate import build_quantizers, collect_activation_stats, load_calibration
+from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, run_fingerprint
 from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
-from .partition import partition
+from .partition import Unit, partition
+from .plan import PlanOptions, QuantPlan, make_plan, read_overrides
 from .plot import plot_unit_losses
-from .plan import PlanOptions, make_plan, read_overrides
-from .prepare import prepare
-from .preprocess import preprocessing_for_onnx
-from .quantizers import INIT_METHODS
+from .prepare import PreparedModel, prepare
+from .preprocess import Preprocessing, preprocessing_for_onnx
+from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import PRESETS, ReconstructionSettings, reconstruct, results_to_dicts
 from .validate import Validation, require_parity, validate
@@ -93,22 +92,9 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
 
-    prepared = prepare(model_path)
-    units = partition(prepared.model)
-    plan = make_plan(prepared.model, PlanOptions(
-        wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
-        keep_ends=config.keep_ends, exclude=config.exclude,
-        overrides=read_overrides(config.overrides) if config.overrides else {},
-    ))
-    mirror = NetworkMirror(prepared.model, units).eval().to(device)
-
-    preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
-    input_shape = graph_input_shape(prepared.model)
-    data = load_calibration(calib_path, preprocessing, input_shape, config.num_calib)
-    stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
-    quantizers = build_quantizers(mirror, plan, stats, config.init)
-    mirror.attach(quantizers)
-    mirror.to(device)
+    sim = simulate(model_path, calib_path, config, device)
+    prepared, units, plan, mirror, quantizers, data = (sim.prepared, sim.units, sim.plan, sim.mirror,
+                                                       sim.quantizers, sim.data)
     units_report = []
     checkpointer = None
     if config.method != "rtn":
@@ -124,7 +110,9 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
                               "run the same command with --resume to continue") from None
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
-        "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits, "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
+        "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits,
+        "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs),
+        "seed": config.seed,
     })
     serialized = exported.SerializeToString()
     validation = validate(serialized, str(model_path), mirror, data.parity, data.parity_held_out, device,
@@ -135,7 +123,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
         checkpointer.remove()
     report = {
         "model": str(model_path), "output": str(output), "config": asdict(config),
-        "preprocessing": asdict(preprocessing), "notes": prepared.notes,
+        "preprocessing": asdict(sim.preprocessing), "notes": prepared.notes,
         "units": [u.to_dict() for u in units], "plan": plan.to_dict(),
         "calibration": {"images": len(data.inputs), "skipped": data.skipped},
         "reconstruction": units_report,
@@ -147,6 +135,39 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
             plot_unit_losses(units_report, Path(config.report).with_suffix(".png"),
                              f"{model_path.name} {config.method} W{config.weight_bits}A{config.activation_bits}")
     return QuantizeResult(output, report, validation)
+
+
+@dataclass
+class Simulation:
+    """Everything up to reconstruction: the float graph, its units and plan, and the calibrated
+    quantized mirror."""
+
+    prepared: PreparedModel
+    units: list[Unit]
+    plan: QuantPlan
+    mirror: NetworkMirror
+    quantizers: QuantizerSet
+    data: CalibrationData
+    preprocessing: Preprocessing
+
+
+def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device: torch.device) -> Simulation:
+    """prepare -> partition -> plan -> mirror -> calibrate: the quantized model before reconstruction."""
+    prepared = prepare(model_path)
+    units = partition(prepared.model)
+    plan = make_plan(prepared.model, PlanOptions(
+        wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
+        keep_ends=config.keep_ends, exclude=config.exclude,
+        overrides=read_overrides(config.overrides) if config.overrides else {},
+    ))
+    mirror = NetworkMirror(prepared.model, units).eval().to(device)
+    preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
+    data = load_calibration(calib_path, preprocessing, graph_input_shape(prepared.model), config.num_calib)
+    stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
+    quantizers = build_quantizers(mirror, plan, stats, config.init)
+    mirror.attach(quantizers)
+    mirror.to(device)
+    return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing)
 
 
 def work_folder(output: Path, config: QuantizeConfig) -> Path:

@@ -141,10 +141,36 @@ def measure_loss(unit: UnitMirror, inputs, targets, device) -> float:
         return float(output_error(unit(*batch), [t[:LOSS_BATCHES].to(device) for t in targets]))
 
 
-def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_outputs,
-                     settings: ReconstructionSettings, device: torch.device, generator: torch.Generator) -> UnitResult:
-    started = time.monotonic()
-    loss_before = measure_loss(unit, quantized_inputs, float_outputs, device)
+@dataclass
+class UnitTraining:
+    """What one unit's reconstruction optimises: AdaRound variables and LSQ step sizes."""
+
+    weights: list
+    activations: list
+    optimizers: list
+    schedulers: list
+
+    def step(self, loss: torch.Tensor) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def finish(self) -> None:
+        """Harden the rounding and return every quantizer to plain (exportable) quantization."""
+        for quantizer in self.weights:
+            quantizer.hard_rounding = True
+            quantizer.alpha.requires_grad_(False)
+        for quantizer in self.activations:
+            quantizer.learning = False
+            quantizer.drop_prob = 0.0
+            quantizer.scale.requires_grad_(False)
+
+
+def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTraining:
     weights = [quantizer for _, quantizer in unit.quantized_weights()]
     activations = list(unit.activation_quantizers.values())
     for weight, quantizer in unit.quantized_weights():
@@ -159,26 +185,23 @@ def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_out
         act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr)
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
+    return UnitTraining(weights, activations, optimizers, schedulers)
+
+
+def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_outputs,
+                     settings: ReconstructionSettings, device: torch.device, generator: torch.Generator) -> UnitResult:
+    started = time.monotonic()
+    loss_before = measure_loss(unit, quantized_inputs, float_outputs, device)
+    training = start_training(unit, settings)
     with tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
         for step in progress:
-            loss = training_step(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator,
-                                 weights, rounding_beta(step, settings) if weights else None)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            for scheduler in schedulers:
-                scheduler.step()
+            beta = rounding_beta(step, settings) if training.weights else None
+            loss = training_loss(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator,
+                                 training.weights, beta)
+            training.step(loss)
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4g}")
-    for quantizer in weights:
-        quantizer.hard_rounding = True
-        quantizer.alpha.requires_grad_(False)
-    for quantizer in activations:
-        quantizer.learning = False
-        quantizer.drop_prob = 0.0
-        quantizer.scale.requires_grad_(False)
+    training.finish()
     loss_after = measure_loss(unit, quantized_inputs, float_outputs, device)
     return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2))
 
@@ -192,7 +215,7 @@ def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
     return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(math.pi * fraction))
 
 
-def training_step(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator, weights,
+def training_loss(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator, weights,
                   beta: float | None) -> torch.Tensor:
     count = len(quantized_inputs[0])
     picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)

@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, 
             "run the same command with --resume to continue")
     resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming after unit " in resumed.stderr
+    assert "resuming after unit " in resumed.stderr
     assert output.read_bytes() == uninterrupted
     assert not work.exists()
 

@@ -1,0 +1,95 @@
+"""Cost of one reconstruction iteration per unit, against one float forward+backward of the same unit.
+
+    python tools/bench_reconstruct.py models/resnet18.onnx --calib models/calib --bits 4 --method qdrop
+
+For every unit, at the same batch size, it times (median of --steps after --warmup):
+- float: the unit without quantizers, forward, output-error loss, backward to the float weights;
+- iteration: one reconstruction step as `onnxmodcap quantize --method ...` runs it (QDrop mixing,
+  AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates).
+It prints a markdown table with the ratio iteration / float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from onnxmodcap.pipeline import QuantizeConfig, simulate
+from onnxmodcap.reconstruct import (ReconstructionSettings, TensorStream, output_error, start_training,
+                                    training_loss)
+
+
+def median_ms(action, steps: int, warmup: int) -> float:
+    timings = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        action()
+        if step >= warmup:
+            timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def float_step(unit, batch, targets):
+    unit.set_quantization(False)
+    for parameter in unit.weights.values():
+        parameter.requires_grad_(True)
+
+    def step():
+        for parameter in unit.weights.values():
+            parameter.grad = None
+        output_error(unit(*batch), targets).backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--calib", type=Path, required=True)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--method", choices=["brecq", "qdrop"], default="qdrop")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = QuantizeConfig(bits=args.bits, method=args.method, batch_size=args.batch_size, num_calib=256)
+    sim = simulate(args.model, args.calib, config, torch.device("cpu"))
+    settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size)
+    generator = torch.Generator().manual_seed(0)
+    stream = TensorStream(sim.mirror, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
+    print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
+          f"{args.threads} threads, torch {torch.__version__}\n")
+    print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
+    print("|---|---|---|---|")
+    ratios = []
+    for index, unit in enumerate(sim.mirror.units):
+        inputs = stream.inputs_of(unit)
+        outputs = stream.advance(index, unit, quantized=False, device=torch.device("cpu"))
+        batch = [t[:args.batch_size] for t in inputs]
+        targets = [t[:args.batch_size] for t in outputs]
+        float_ms = median_ms(float_step(unit, batch, targets), args.steps, args.warmup)
+        for parameter in unit.weights.values():
+            parameter.requires_grad_(False)
+        unit.set_quantization(True)
+        training = start_training(unit, settings)
+
+        def iteration():
+            training.step(training_loss(unit, inputs, inputs, outputs, settings, torch.device("cpu"), generator,
+                                        training.weights, beta=10.0 if training.weights else None))
+
+        iteration_ms = median_ms(iteration, args.steps, args.warmup)
+        training.finish()
+        ratios.append(iteration_ms / float_ms)
+        print(f"| {unit.unit.name} | {float_ms:.2f} | {iteration_ms:.2f} | {ratios[-1]:.2f} |")
+    print(f"\nmedian ratio {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
