@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .checkpoint import Checkpointer
 from .mirror import NetworkMirror, UnitMirror
-from .quantizers import QuantizerSet
+from .quantizers import QuantizerSet, drop_mix
 
 METHODS = ("brecq", "qdrop")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
@@ -222,7 +222,7 @@ def training_loss(unit, quantized_inputs, float_inputs, float_outputs, settings,
     batch = [t[picks].to(device) for t in quantized_inputs]
     if settings.method == "qdrop":
         float_batch = [t[picks].to(device) for t in float_inputs]
-        batch = [torch.where(torch.rand_like(q) < settings.drop_prob, q, f) for q, f in zip(batch, float_batch)]
+        batch = [drop_mix(q, f, settings.drop_prob) for q, f in zip(batch, float_batch)]
     loss = output_error(unit(*batch), [t[picks].to(device) for t in float_outputs])
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
