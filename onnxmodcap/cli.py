@@ -133,6 +133,9 @@ def format_evaluation(result) -> str:
 @click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
+@click.option("--cache-mem", type=float, default=4.0, show_default=True,
+              help="GiB of cached unit inputs/outputs kept in memory during reconstruction; the rest "
+                   "spills to files in the work folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
 @click.option("--init", type=click.Choice(["lp", "minmax", "percentile"]), default="lp", show_default=True,
               help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")

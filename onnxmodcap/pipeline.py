@@ -46,6 +46,7 @@ class QuantizeConfig:
     preset: str = "paper"  # reconstruction settings: "paper" (published defaults) or "fast"
     iters: int | None = None  # reconstruction iterations per unit (overrides the preset)
     work_dir: str | None = None  # checkpoints; default .<output name>.work beside the output
+    cache_mem: float = 4.0  # GiB of cached unit inputs/outputs kept in memory; the rest spills to work_dir
     resume: bool = False
     init: str = "lp"
     target: str = "ort"
@@ -102,9 +103,10 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
             model_path.read_bytes(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
             note=lambda message: tqdm.write(message, file=sys.stderr))
         try:
-            units_report = results_to_dicts(reconstruct(mirror, quantizers, data.inputs,
-                                                        reconstruction_settings(config), device, config.seed,
-                                                        checkpointer, config.resume))
+            units_report = results_to_dicts(reconstruct(
+                mirror, quantizers, data.inputs, reconstruction_settings(config), device, config.seed,
+                cache_folder=checkpointer.folder / "cache", cache_budget=int(config.cache_mem * (1 << 30)),
+                checkpointer=checkpointer, resume=config.resume))
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; finished units are checkpointed in {checkpointer.folder}: "
                               "run the same command with --resume to continue") from None
@@ -176,7 +178,7 @@ def work_folder(output: Path, config: QuantizeConfig) -> Path:
 
 def result_affecting(config: QuantizeConfig) -> dict:
     """The options that change the output file (not where it goes or how it is checked)."""
-    ignored = {"output", "report", "work_dir", "resume", "provider"}
+    ignored = {"output", "report", "work_dir", "resume", "provider", "cache_mem"}
     return {key: value for key, value in asdict(config).items() if key not in ignored}
 
 
@@ -192,6 +194,8 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError(f"unknown method {config.method!r}: choose {', '.join(METHODS)}")
     if config.preset not in PRESETS:
         raise UserError(f"unknown preset {config.preset!r}: choose {', '.join(PRESETS)}")
+    if config.cache_mem < 0:
+        raise UserError(f"--cache-mem must not be negative, got {config.cache_mem}")
     if config.iters is not None and config.iters < 1:
         raise UserError(f"--iters must be at least 1, got {config.iters}")
     if config.init not in INIT_METHODS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from .quantizers import QuantizerSet, drop_mix
 
 METHODS = ("brecq", "qdrop")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
+DEFAULT_CACHE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class UnitResult:
 
 
 def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,
-                settings: ReconstructionSettings, device: torch.device, seed: int,
-                checkpointer: Checkpointer | None = None, resume: bool = False) -> list[UnitResult]:
+                settings: ReconstructionSettings, device: torch.device, seed: int, cache_folder: Path,
+                cache_budget: int = DEFAULT_CACHE_BYTES, checkpointer: Checkpointer | None = None,
+                resume: bool = False) -> list[UnitResult]:
     """Reconstruct every unit in order; after each, save a checkpoint when a checkpointer is given.
     With `resume`, the quantizers of finished units come from the checkpoint and the run continues
     from the next unit with the random state it would have had."""
@@ -74,8 +77,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     torch.manual_seed(seed)
     resumed = checkpointer.load(quantizers) if checkpointer and resume else None
     results = [UnitResult(**r) for r in resumed.results] if resumed else []
-    float_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
-    quantized_stream = TensorStream(mirror, {mirror.input_names[0]: torch.from_numpy(inputs)})
+    cache = TensorCache(cache_budget, cache_folder)
+    float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
+    quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
     with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
         for index, unit in enumerate(mirror.units):
             float_inputs = float_stream.inputs_of(unit)
@@ -94,35 +98,94 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     return results
 
 
+class CachedTensor:
+    """A tensor of all calibration images, in memory or memory-mapped from a .npy file; indexing
+    with a slice or an index tensor gives a torch tensor."""
+
+    def __init__(self, data: torch.Tensor | np.ndarray, path: Path | None = None):
+        self.data = data
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(self.data, torch.Tensor):
+            return self.data[index]
+        rows = index.numpy() if isinstance(index, torch.Tensor) else index
+        return torch.from_numpy(np.array(self.data[rows]))  # a writable copy of the mapped rows
+
+
+class TensorCache:
+    """Keeps cached unit inputs and outputs in memory up to `budget` bytes and spills the rest to
+    .npy files in `folder`, so large models with many calibration images fit in RAM."""
+
+    def __init__(self, budget: int, folder: Path):
+        self.budget = budget
+        self.folder = folder
+        self.used = 0
+        self.files = 0
+
+    def store(self, chunks: list[torch.Tensor]) -> CachedTensor:
+        size = sum(chunk.numel() * chunk.element_size() for chunk in chunks)
+        if self.used + size <= self.budget:
+            self.used += size
+            return CachedTensor(torch.cat(chunks))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.files}.npy"
+        self.files += 1
+        shape = (sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:])
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        start = 0
+        for chunk in chunks:
+            array[start:start + len(chunk)] = chunk.numpy()
+            start += len(chunk)
+        array.flush()
+        del array
+        return CachedTensor(np.load(path, mmap_mode="r"), path)
+
+    def release(self, cached: CachedTensor) -> None:
+        if cached.path is None:
+            self.used -= cached.data.numel() * cached.data.element_size()
+        else:
+            cached.data = None
+            cached.path.unlink(missing_ok=True)
+
+
 class TensorStream:
     """The tensors between units for all calibration images, as the float or the quantized model
-    computes them; tensors no later unit reads are dropped."""
+    computes them; tensors no later unit reads are released."""
 
-    def __init__(self, mirror: NetworkMirror, graph_inputs: dict[str, torch.Tensor]):
+    def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, torch.Tensor]):
         self.mirror = mirror
-        self.tensors = dict(graph_inputs)
+        self.cache = cache
+        self.tensors = {name: cache.store([value]) for name, value in graph_inputs.items()}
+        self.retired: list[CachedTensor] = []  # no longer needed, but the caller may read them until the next step
 
-    def inputs_of(self, unit: UnitMirror) -> list[torch.Tensor]:
+    def inputs_of(self, unit: UnitMirror) -> list[CachedTensor]:
         return [self.tensors[name] for name in unit.unit.inputs]
 
-    def advance(self, index: int, unit: UnitMirror, quantized: bool, device: torch.device) -> list[torch.Tensor]:
+    def advance(self, index: int, unit: UnitMirror, quantized: bool, device: torch.device) -> list[CachedTensor]:
+        for cached in self.retired:
+            self.cache.release(cached)
         unit.set_quantization(quantized)
-        outputs = run_in_batches(unit, self.inputs_of(unit), device)
+        outputs = [self.cache.store(chunks) for chunks in run_in_batches(unit, self.inputs_of(unit), device)]
         unit.set_quantization(True)
         self.tensors.update(zip(unit.unit.outputs, outputs))
         later = {name for mirror in self.mirror.units[index + 1:] for name in mirror.unit.inputs}
-        self.tensors = {name: value for name, value in self.tensors.items() if name in later}
+        self.retired = [self.tensors.pop(name) for name in list(self.tensors) if name not in later]
         return outputs
 
 
-def run_in_batches(unit: UnitMirror, inputs: list[torch.Tensor], device: torch.device,
-                   batch_size: int = 64) -> list[torch.Tensor]:
+def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.device,
+                   batch_size: int = 64) -> list[list[torch.Tensor]]:
+    """The unit's outputs over all images, as one list of batch chunks per output."""
     chunks = []
     with torch.no_grad():
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
             chunks.append([r.cpu() for r in (result if isinstance(result, tuple) else (result,))])
-    return [torch.cat(parts) for parts in zip(*chunks)]
+    return [list(parts) for parts in zip(*chunks)]
 
 
 def output_error(outputs, targets) -> torch.Tensor:

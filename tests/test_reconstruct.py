@@ -47,13 +47,14 @@ def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_same_seed_gives_identical_files(resnet, calib, tmp_path):
+def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path):
     outputs = []
-    for name in ("a.onnx", "b.onnx"):
+    for name, cache_mem in (("a.onnx", 4.0), ("b.onnx", 0.0)):
         result = onnxmodcap.quantize(resnet, calib, bits=4, method="qdrop", iters=ITERS, num_calib=96,
-                                     output=str(tmp_path / name), seed=3)
+                                     output=str(tmp_path / name), seed=3, cache_mem=cache_mem)
         outputs.append(result.output.read_bytes())
     assert outputs[0] == outputs[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
 
 
 def quantize_command(model, calib, output, work, *extra):
