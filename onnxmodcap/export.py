@@ -183,9 +183,9 @@ class GraphWriter:
         self.dropped.add(name)
 
     def quantized_activation(self, name: str, quantizer: Quantizer, encoding: Encoding):
-        source, result = self.detach_tensor(name)
-        producer_output = source
-        self.float_sources[result] = source
+        float_source, result = self.detach_tensor(name)
+        self.float_sources[result] = float_source
+        source = float_source
         scale, zero = self.scale_and_zero_point(name, quantizer, encoding, per_channel=False)
         zero_point = float(quantizer.zero_point)
         nodes = []
@@ -201,10 +201,10 @@ class GraphWriter:
                                       name=f"{name}_QuantizeLinear"))
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", scale, zero], [result],
                                       name=f"{name}_DequantizeLinear"))
-        if producer_output == name:  # a graph input
+        if float_source == name:  # a graph input
             self.leading.extend(nodes)
         else:
-            self.after.setdefault(producer_output, []).extend(nodes)
+            self.after.setdefault(float_source, []).extend(nodes)
 
     def detach_tensor(self, name: str) -> tuple[str, str]:
         """(the float source, the name the dequantized value takes). A produced tensor's producer now
