@@ -1,8 +1,8 @@
 """Fashion-MNIST: read the Debian IDX files, train the three shipped classifiers, export them.
 
 The nets follow the torchvision architectures that published PTQ tables use (ResNet-18,
-MobileNetV2 x0.5, RegNetX), adapted to 28x28 grey input and sized so that one trains in about
-twenty minutes on one CPU thread. BatchNormalization stays in the exported graphs.
+MobileNetV2 x0.5, RegNetX), adapted to 28x28 grey input and sized so that one trains in under
+half an hour on one CPU thread. BatchNormalization stays in the exported graphs.
 
     python tools/fashion_mnist.py train resnet18 --out models/
     python tools/fashion_mnist.py data --out models/
@@ -267,7 +267,8 @@ def train(arch: str, epochs: int, seed: int, log) -> nn.Module:
     steps = epochs * math.ceil(len(labels) / BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe["lr"], total_steps=steps)
     log(f"{arch}: {sum(p.numel() for p in model.parameters())} parameters, {epochs} epochs, seed {seed}, "
-        f"{torch.get_num_threads()} threads, batch {BATCH}, {recipe}")
+        f"{torch.get_num_threads()} threads, batch {BATCH}, peak lr {recipe['lr']}, "
+        f"weight decay {recipe['weight_decay']}")
     started = time.time()
     for epoch in range(epochs):
         loss, train_acc = train_epoch(model, optimizer, schedule, padded, labels, generator)
