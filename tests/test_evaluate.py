@@ -77,7 +77,6 @@ def torchvision_style_input(path, size=32):
     return ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
 
 
-@pytest.mark.skipif(not (MODELS / "resnet18.onnx").exists(), reason="shipped models not trained yet")
 def test_shipped_data_slice_matches_a_direct_computation():
     model, reference = MODELS / "regnetx.onnx", MODELS / "resnet18.onnx"
     result = evaluate(model, "--data", TEST_SET, "--reference", reference, "--limit", 400,
@@ -102,7 +101,6 @@ def test_shipped_data_slice_matches_a_direct_computation():
     assert report["cosine"] == pytest.approx(cosine.mean(), rel=1e-6)
 
 
-@pytest.mark.skipif(not (MODELS / "README.md").exists(), reason="model cards not written yet")
 def test_model_cards_accuracy_is_what_evaluate_measures():
     """Each card row `| file.onnx | ... | top-1 | top-5 |` is reproduced on the full test set."""
     rows = re.findall(r"^\| `(\w+\.onnx)` \|.*\| ([\d.]+) % \| ([\d.]+) % \|$",
