@@ -63,6 +63,9 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
     if simplify:
         model = simplify_or_keep(model, notes)
     model = infer_shapes(model)
+    if localize_batch_reads(model):
+        notes.append("moved batch-size reads of the graph input next to where they are used")
+        model = infer_shapes(model)
     name_nodes(model)
     missing = [name for name in bn_stats if name not in produced_tensors(model)]
     for name in missing:
@@ -173,7 +176,67 @@ def simplify_or_keep(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProt
         notes.append("onnxsim result did not verify, continuing with the unsimplified graph")
         return model
     notes.append("simplified with onnxsim")
+    del simplified.metadata_props[:]  # onnxsim adds its own bookkeeping entries; keep the user's
+    simplified.metadata_props.extend(model.metadata_props)
     return simplified
+
+
+def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    shapes = {}
+    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def reads_batch_only(node: onnx.NodeProto) -> bool:
+    attrs = {a.name: a.i for a in node.attribute}
+    return node.op_type == "Shape" and attrs.get("start", 0) == 0 and attrs.get("end") == 1
+
+
+def shape_chain(start: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]], constants: set[str]):
+    """`start` and the nodes that compute only from its output and constants, in graph order."""
+    chain, produced, frontier = [start], set(start.output), list(start.output)
+    while frontier:
+        for node in users.get(frontier.pop(), []):
+            if all(node is not c for c in chain) and all(i in produced or i in constants or not i for i in node.input):
+                chain.append(node)
+                produced.update(node.output)
+                frontier.extend(node.output)
+    return chain, produced
+
+
+def localize_batch_reads(model: onnx.ModelProto) -> int:
+    """torch's dynamo exporter reads the batch size once, from the graph input, and carries it to the
+    head: the input then stays alive across the whole network and no cut point exists. Each Shape
+    that reads only the batch dimension moves, with the computation hanging on it, right before its
+    first other consumer, and reads there the latest tensor with the same symbolic batch dimension."""
+    shapes = symbolic_shapes(model)
+    constants = {t.name for t in model.graph.initializer}
+    moved = 0
+    for shape_node in [n for n in model.graph.node if reads_batch_only(n)]:
+        batch = (shapes.get(shape_node.input[0]) or [None])[0]
+        if not isinstance(batch, str) or not batch:
+            continue
+        nodes = list(model.graph.node)
+        chain, produced = shape_chain(shape_node, consumers(model), constants)
+        in_chain = {id(n) for n in chain}
+        users = [i for i, n in enumerate(nodes) if id(n) not in in_chain and any(t in produced for t in n.input)]
+        if not users:
+            continue
+        first_use = min(users)
+        candidates = [out for n in nodes[:first_use] if id(n) not in in_chain for out in n.output
+                      if (shapes.get(out) or [None])[0] == batch]
+        if not candidates or candidates[-1] == shape_node.input[0]:
+            continue
+        shape_node.input[0] = candidates[-1]
+        rest = [n for n in nodes if id(n) not in in_chain]
+        anchor = rest.index(nodes[first_use])
+        del model.graph.node[:]
+        model.graph.node.extend(rest[:anchor] + chain + rest[anchor:])
+        moved += 1
+    return moved
 
 
 def name_nodes(model: onnx.ModelProto) -> None:

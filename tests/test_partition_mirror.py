@@ -13,12 +13,15 @@ GATES = ("Sigmoid", "HardSigmoid")
 
 
 def expected_units(name: str) -> int | None:
-    """Units the partitioner must find: the issue's counts, and for the squeeze-excite nets one unit
-    per inverted-residual block plus stem, last conv (with the first classifier Linear) and head."""
+    """Units the partitioner must find: the issue's counts; for the squeeze-excite nets one unit per
+    inverted-residual block plus stem, last conv (with the first classifier Linear) and head; for
+    ConvNeXt, whose dynamo export reads the batch size at the graph input, the same units as legacy."""
     entry = ZOO[name]
     if entry.expected_units is not None:
         return entry.expected_units
     if name in ("mobilenetv3", "efficientnet"):
+        return entry.num_blocks + 3
+    if name == "convnext":  # stem, the blocks, the downsampling layer, head
         return entry.num_blocks + 3
     return None
 

@@ -61,6 +61,16 @@ def test_batchnorm_statistics_recorded_and_folded(bn_model):
     assert inspect_model(bn_model, verify=True).mirror_max_rel_err <= 1e-5
 
 
+def test_metadata_is_kept_without_simplifier_entries(bn_model, tmp_path):
+    model = onnx.load(bn_model)
+    model.metadata_props.add(key="onnxmodcap.preprocess", value='{"scale": 1}')
+    path = tmp_path / "with_metadata.onnx"
+    onnx.save(model, path)
+    prepared = prepare(path)
+    assert "simplified with onnxsim" in prepared.notes
+    assert {p.key: p.value for p in prepared.model.metadata_props} == {"onnxmodcap.preprocess": '{"scale": 1}'}
+
+
 def test_folded_export_reports_missing_statistics(tmp_path):
     path = tmp_path / "folded.onnx"
     torch.onnx.export(ConvBnRelu().eval(), (torch.randn(1, 3, 8, 8),), path, dynamo=False, opset_version=17)
