@@ -41,9 +41,6 @@ class Grid:
     def unsigned(cls, bits: int) -> Grid:
         return cls(bits, 0, 2**bits - 1, True)
 
-    def to_dict(self) -> dict:
-        return {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "fixed_zero": self.fixed_zero}
-
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (integers(x, scale, zero_point, grid) - zero_point) * scale
