@@ -96,10 +96,10 @@ def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding
 
 def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
                target: str, metadata: dict) -> onnx.ModelProto:
-    """The quantized model. Biases stay float (TensorRT takes them so) but hold values on the int32
-    grid of input scale x weight scale: ONNX Runtime, which quantizes the bias of every Conv it fuses
-    into an int8 kernel, recovers exactly the simulated integers, and unfused layers compute with the
-    same values."""
+    """The quantized model. Biases hold values on the int32 grid of input scale x weight scale. They
+    stay float (TensorRT takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into
+    an int8 kernel and recovers exactly the simulated integers), except Gemm biases of the ORT target,
+    which are written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -111,8 +111,12 @@ def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: Quanti
             encoding = choose_encoding(fmt, quantizer, is_weight=True)
             writer.dequantized_constant(tensor, constants[tensor], quantizer, encoding)
             opset = max(opset, encoding.container.opset)
+        gemm_biases = {n.input[2] for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 2}
         for tensor, bias in quantizers.biases.items():
-            writer.replace_constant(tensor, bias(constants[tensor]))
+            if target == "ort" and tensor in gemm_biases:
+                writer.dequantized_bias(tensor, bias.integers(constants[tensor]), bias.scale())
+            else:
+                writer.replace_constant(tensor, bias(constants[tensor]))
         for tensor, quantizer in quantizers.activations.items():
             encoding = choose_encoding(fmt, quantizer, is_weight=False)
             writer.quantized_activation(tensor, quantizer, encoding)
@@ -175,6 +179,15 @@ class GraphWriter:
         attrs = {"axis": quantizer.axis % value.dim()} if per_channel else {}
         self.leading.append(helper.make_node("DequantizeLinear", [values, scale, zero], [name],
                                              name=f"{name}_DequantizeLinear", **attrs))
+        self.dropped.add(name)
+
+    def dequantized_bias(self, name: str, integers: torch.Tensor, scale: torch.Tensor):
+        values = self.add_initializer(numpy_helper.from_array(integers.cpu().numpy().astype(np.int32),
+                                                              f"{name}_quantized"))
+        scales = self.add_initializer(numpy_helper.from_array(scale.detach().cpu().numpy().astype(np.float32),
+                                                              f"{name}_scale"))
+        self.leading.append(helper.make_node("DequantizeLinear", [values, scales], [name],
+                                             name=f"{name}_DequantizeLinear", axis=0))
         self.dropped.add(name)
 
     def replace_constant(self, name: str, value: torch.Tensor):

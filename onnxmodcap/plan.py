@@ -3,7 +3,9 @@
 Weights of Conv/ConvTranspose/Gemm/MatMul are quantized per output channel; activations per tensor
 at the inputs of those layers, one quantizer per tensor however many consumers it has. With
 `target="tensorrt"` the residual input of an Add that follows a Conv is quantized too, so that
-TensorRT can fuse Conv+Add. The first and last weighted layers stay at 8 bits unless told otherwise.
+TensorRT can fuse Conv+Add; with `target="ort"` the output of an 8-bit Conv that feeds no quantized
+tensor is quantized, so that ONNX Runtime can run it as an int8 kernel. The first and last weighted
+layers stay at 8 bits unless told otherwise.
 """
 
 from __future__ import annotations
@@ -111,10 +113,11 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
         ))
         activation_bits[data] = max(activation_bits.get(data, 0), bits.abits)
         consumers.setdefault(data, []).append(node.name)
-    if options.target == "tensorrt":
-        for tensor, add, bits in residual_inputs(model, chosen):
-            activation_bits[tensor] = max(activation_bits.get(tensor, 0), bits)
-            consumers.setdefault(tensor, []).append(add)
+    extra = residual_inputs(model, chosen) if options.target == "tensorrt" else \
+        unfused_outputs(model, chosen, set(activation_bits))
+    for tensor, consumer, bits in list(extra):
+        activation_bits[tensor] = max(activation_bits.get(tensor, 0), bits)
+        consumers.setdefault(tensor, []).append(consumer)
     activations = [ActivationPlan(t, activation_bits[t], tuple(consumers[t])) for t in activation_bits]
     return QuantPlan(options.target, weights, activations)
 
@@ -161,6 +164,26 @@ def residual_inputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None])
             if conv is not None and conv.op_type == "Conv" and chosen.get(conv.name):
                 yield other, node.name, chosen[conv.name].abits
                 break
+
+
+def unfused_outputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None], planned: set[str]):
+    """(tensor, Conv node, 8) for the output of every 8-bit-activation Conv that no QuantizeLinear
+    would follow (it feeds an Add, a pooling, ...): ONNX Runtime builds its int8 QLinearConv only
+    from DequantizeLinear -> Conv [-> Relu/Clip] -> QuantizeLinear. Graph outputs stay float."""
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        bits = chosen.get(node.name)
+        if node.op_type != "Conv" or bits is None or bits.abits != 8 or node.output[0] in graph_outputs:
+            continue
+        output = node.output[0]
+        after = users.get(output, [])
+        through_activation = len(after) == 1 and after[0].op_type in ("Relu", "Clip") and after[0].output[0] in planned
+        if output not in planned and not through_activation:
+            yield output, node.name, 8
 
 
 def read_overrides(path: str | Path) -> dict[str, LayerBits | None]:

@@ -210,8 +210,10 @@ class BiasQuantizer(nn.Module):
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return bias
-        scale = self.scale()
-        return torch.clamp(torch.round(bias / scale), INT32_MIN, INT32_MAX) * scale
+        return self.integers(bias) * self.scale()
+
+    def integers(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(bias / self.scale()), INT32_MIN, INT32_MAX)
 
 
 @dataclass

@@ -61,7 +61,8 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
     model = onnx.load(result.output)
     metadata = json.loads({p.key: p.value for p in model.metadata_props}["onnxmodcap.quantization"])
     assert (metadata["wbits"], metadata["abits"], metadata["target"], metadata["format"]) == (wbits, abits, target, fmt)
-    weight_types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+    stored_weights = {f"{w['tensor']}_quantized" for w in result.report["plan"]["weights"]}
+    weight_types = {t.data_type for t in model.graph.initializer if t.name in stored_weights}
     if fmt == "native" and wbits < 8:
         expected_type = {2: onnx.TensorProto.UINT2, 4: onnx.TensorProto.UINT4}[wbits]
         assert expected_type in weight_types

@@ -16,6 +16,7 @@ import pytest
 import onnxmodcap
 
 ITERS = 30
+LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,11 @@ def resnet(exported_model):
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])
 def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib, tmp_path, method):
     report = tmp_path / "report.json"
-    result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, iters=ITERS, num_calib=96,
+    result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, iters=LEARNING_ITERS, num_calib=96,
                                  output=str(tmp_path / "q.onnx"), report=str(report))
     units = result.report["reconstruction"]
     assert [u["name"] for u in units] == [u["name"] for u in result.report["units"]]
-    assert all(u["iterations"] == ITERS for u in units)
+    assert all(u["iterations"] == LEARNING_ITERS for u in units)
     improved = [u["loss_after"] < u["loss_before"] for u in units[1:-1]]  # the 2-bit blocks
     assert sum(improved) >= len(improved) - 1
     assert result.validation.parity_ok and result.validation.held_out
