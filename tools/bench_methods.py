@@ -84,6 +84,27 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def code_state() -> str:
+    """The onnxmodcap code a run imports (the package is installed editable, and the working tree may
+    change between runs): HEAD, the package files that differ from it, and a hash of the package sources."""
+    root = Path(__file__).resolve().parent.parent
+    package = root / "onnxmodcap"
+    digest_all = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest_all.update(path.name.encode() + b"\0" + path.read_bytes())
+
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:
+            return "n/a"
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "onnxmodcap").splitlines()]
+    return (f"HEAD {git('rev-parse', '--short', 'HEAD')}, onnxmodcap/*.py sha256 {digest_all.hexdigest()[:12]}, "
+            f"uncommitted package changes: {', '.join(changed) if changed else 'none'}")
+
+
 def resolve_model(name: str, models: Path) -> Path:
     path = Path(name)
     if path.suffix == ".onnx" or path.exists():
@@ -176,6 +197,7 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
     load_before = load_average()
     quantize_cmd, quantize_seconds, report, notes = None, None, None, []
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC")
+    code = code_state()
     if spec["method"] == "float":
         target = model
     else:
@@ -241,7 +263,8 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
 
     lines = [f"### {index}. {stem} {wa} {spec['method']}\n",
              f"- Started {started_at}; load average (1/5/15 min) before `{load_before}`, after `{load_after}`",
-             f"- Model `{model}` sha256 {digest(model)}…"]
+             f"- Model `{model}` sha256 {digest(model)}…",
+             f"- Code when the run started: {code}"]
     if quantize_cmd:
         lines.append(f"- Quantize: `OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {shell(quantize_cmd)}`")
         lines.append(f"  - wall {fmt(quantize_seconds, 1)} s; report `seconds` "
