@@ -187,11 +187,18 @@ def notable_lines(stderr: str) -> list[str]:
     return keep
 
 
+def failure_tail(stderr: str, limit: int = 800) -> str:
+    """The end of a failed command's stderr without tqdm progress lines (kept one line)."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()
+             if line.strip() and "it/s" not in line and "s/it" not in line and "[A" not in line]
+    return " / ".join(lines)[-limit:] or "(no message)"
+
+
 def fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[str, str, dict]:
+def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[str, str]:
     model: Path = spec["model"]
     stem = model.stem
     load_before = load_average()
@@ -215,7 +222,9 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
         done, quantize_seconds = run_command(quantize_cmd, env)
         notes += notable_lines(done.stderr)
         if done.returncode != 0:
-            notes.append(f"quantize exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+            notes.append(f"quantize exited {done.returncode}"
+                         f"{' (killed by signal ' + str(-done.returncode) + ')' if done.returncode < 0 else ''}: "
+                         f"{failure_tail(done.stderr)}")
         else:
             report = json.loads(report_path.read_text())
     evaluation = None
@@ -228,7 +237,7 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
         done, evaluate_seconds = run_command(evaluate_cmd, env)
         notes += notable_lines(done.stderr)
         if done.returncode != 0:
-            notes.append(f"evaluate exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+            notes.append(f"evaluate exited {done.returncode}: {failure_tail(done.stderr)}")
         else:
             evaluation = json.loads(done.stdout.strip().splitlines()[-1])
             notes.append(f"evaluate took {evaluate_seconds:.1f} s")
@@ -269,7 +278,9 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
         lines.append(f"- Quantize: `OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {shell(quantize_cmd)}`")
         lines.append(f"  - wall {fmt(quantize_seconds, 1)} s; report `seconds` "
                      f"{(report or {}).get('seconds', 'n/a')}")
-    lines.append(f"- Evaluate: `OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {shell(evaluate_cmd)}`")
+    ran = report is not None or spec["method"] == "float"
+    lines.append(f"- Evaluate: `OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {shell(evaluate_cmd)}`"
+                 f"{'' if ran else ' (not run: quantize failed)'}")
     if evaluation:
         shown = {k: v for k, v in evaluation.items() if not isinstance(v, (list, dict))}
         lines.append(f"  - `{json.dumps(shown)}`")
@@ -293,8 +304,7 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
     for note in notes:
         lines.append(f"- Note: {note}")
     details = "\n".join(lines) + "\n\n"
-    summary = {"top1": top1, "agreement": agreement, "quantize_seconds": quantize_seconds}
-    return row, details, summary
+    return row, details
 
 
 def main() -> None:
@@ -340,7 +350,7 @@ def main() -> None:
             print(f"deadline of {args.deadline} min passed: not starting {spec}", file=sys.stderr)
             break
         index = next_index(args.out)
-        row, details, summary = measure(spec, args, env, index, float_top1)
+        row, details = measure(spec, args, env, index, float_top1)
         insert(args.out, row, details, fresh)
         print(row.strip(), flush=True)
 
