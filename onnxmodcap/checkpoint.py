@@ -108,6 +108,8 @@ def restore_quantizers(quantizers: QuantizerSet, state: dict[str, torch.Tensor])
                 quantizer.alpha = torch.nn.Parameter(state[f"{kind}/{name}/alpha"].to(quantizer.scale.device),
                                                      requires_grad=False)
                 quantizer.hard_rounding = bool(state[f"{kind}/{name}/hard"])
+            else:
+                quantizer.alpha, quantizer.hard_rounding = None, False
 
 
 def run_fingerprint(*parts: bytes) -> str:

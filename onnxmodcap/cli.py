@@ -125,9 +125,22 @@ def format_evaluation(result) -> str:
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits for weights and activations (2..8).")
 @click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
 @click.option("--abits", type=int, help="Activation bits (overrides --bits).")
-@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop"]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop", "pdquant"]), default="rtn", show_default=True,
               help="rtn: round to nearest after scale initialisation. brecq: block reconstruction with "
-                   "AdaRound + LSQ. qdrop: brecq with random quantization drop.")
+                   "AdaRound + LSQ. qdrop: brecq with random quantization drop. pdquant: qdrop plus the "
+                   "prediction difference and distribution correction.")
+@click.option("--modcap", type=click.Choice(["off", "data", "free"]), default="off", show_default=True,
+              help="Reconstruct the adjacent units that differ most in capacity jointly: data (measured "
+                   "output error) or free (parameters x bits).")
+@click.option("--modcap-k", type=int, help="Adjacent pairs ModCap merges (default: about one per four blocks).")
+@click.option("--compare-granularity", is_flag=True,
+              help="Also reconstruct without ModCap and report both loss curves (about twice the time).")
+@click.option("--pd-temperature", type=float,
+              help="pdquant: KL temperature (default 4, or 1 for networks with depthwise convolutions).")
+@click.option("--pd-lambda", type=float, help="pdquant: lambda_r; the KL term is weighted 1/lambda_r (default 0.1).")
+@click.option("--dc-lambda", type=float,
+              help="pdquant: lambda_c of distribution correction (default 0.02, or 0.005 with depthwise convolutions).")
+@click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction.")
 @click.option("--preset", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
               help="Reconstruction settings: paper (20k iterations per unit) or fast (1k).")
 @click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
@@ -160,14 +173,14 @@ def format_evaluation(result) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocessing_options
 @user_errors
-def quantize(model, calib, fmt, no_keep_ends, exclude, input_size, resize, mean, std, scale, color, layout,
+def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize, mean, std, scale, color, layout,
              **options):
     """Quantize MODEL with calibration data and write a QDQ ONNX model validated in ONNX Runtime."""
     from .pipeline import quantize as run_quantize
 
     preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
                   "color": color, "layout": layout}
-    result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, exclude=tuple(exclude),
+    result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, dc=not no_dc, exclude=tuple(exclude),
                           preprocess=preprocess, **options)
     skipped = result.report["calibration"]["skipped"]
     for name, reason in skipped[:10]:

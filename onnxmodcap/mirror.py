@@ -101,8 +101,12 @@ class UnitMirror(nn.Module):
         return self.weights[key] if key in self.weights else getattr(self, key)
 
     def attach(self, quantizers: QuantizerSet) -> None:
-        """Take the quantizers of the tensors this unit reads (weights, biases) or produces."""
+        """Take the quantizers of the tensors this unit reads (weights, biases) or produces
+        (replacing any attached before)."""
         produced = {out for _, _, outs in self.calls for out in outs} | set(self.unit.inputs)
+        for modules in (self.weight_quantizers, self.bias_quantizers, self.activation_quantizers):
+            modules.clear()
+        self.quantizer_keys.clear()
         self.float_layers = {node for node, weight in self.layer_weights.items() if weight not in quantizers.weights}
         groups = ((self.weight_quantizers, quantizers.weights, self.keys),
                   (self.bias_quantizers, quantizers.biases, self.keys),

@@ -1,6 +1,6 @@
 """The whole job, `onnxmodcap quantize`, as one function: each pipeline stage in order.
 
-model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (reconstruct) -> export -> validate
+model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (modcap -> reconstruct) -> export -> validate
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
-from .checkpoint import Checkpointer, run_fingerprint
+from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
 from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
+from .modcap import MODES as MODCAP_MODES
+from .modcap import Schedule, choose_groups, data_capacities, data_free_capacities, default_pairs, merge_units, oscillation
 from .partition import Unit, partition
 from .plan import PlanOptions, QuantPlan, make_plan, read_overrides
 from .plot import plot_unit_losses
@@ -28,7 +30,10 @@ from .prepare import PreparedModel, prepare
 from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
-from .reconstruct import PRESETS, ReconstructionSettings, reconstruct, results_to_dicts
+from .reconstruct import (
+    LOSS_BATCHES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, pd_defaults, reconstruct,
+    results_to_dicts, unit_errors,
+)
 from .validate import Validation, require_parity, validate
 
 METHODS = ("rtn", *RECONSTRUCTION_METHODS)
@@ -60,6 +65,13 @@ class QuantizeConfig:
     device: str = "cpu"
     provider: str = "auto"
     seed: int = 0
+    modcap: str = "off"  # off, data or free: which adjacent units to reconstruct jointly
+    modcap_k: int | None = None  # pairs merged (default: about one per four blocks)
+    compare_granularity: bool = False  # also reconstruct without ModCap and report both
+    pd_temperature: float | None = None  # pdquant (default: by network, see reconstruct.pd_defaults)
+    pd_lambda: float | None = None
+    dc_lambda: float | None = None
+    dc: bool = True
     preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
 
     @property
@@ -96,24 +108,21 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     sim = simulate(model_path, calib_path, config, device)
     prepared, units, plan, mirror, quantizers, data = (sim.prepared, sim.units, sim.plan, sim.mirror,
                                                        sim.quantizers, sim.data)
-    units_report = []
+    reconstruction: dict = {}
     checkpointer = None
     if config.method != "rtn":
         checkpointer = Checkpointer(work_folder(output, config), run_fingerprint(
             model_path.read_bytes(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
             note=lambda message: tqdm.write(message, file=sys.stderr))
         try:
-            units_report = results_to_dicts(reconstruct(
-                mirror, quantizers, data.inputs, reconstruction_settings(config), device, config.seed,
-                cache_folder=checkpointer.folder / "cache", cache_budget=int(config.cache_mem * (1 << 30)),
-                checkpointer=checkpointer, resume=config.resume))
+            reconstruction, mirror = reconstruct_all(sim, config, device, checkpointer)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; finished units are checkpointed in {checkpointer.folder}: "
                               "run the same command with --resume to continue") from None
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
         "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits,
-        "abits": config.activation_bits, "init": config.init, "calibration_images": len(data.inputs),
+        "abits": config.activation_bits, "modcap": config.modcap, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
     })
     serialized = exported.SerializeToString()
@@ -128,13 +137,13 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
         "preprocessing": asdict(sim.preprocessing), "notes": prepared.notes,
         "units": [u.to_dict() for u in units], "plan": plan.to_dict(),
         "calibration": {"images": len(data.inputs), "skipped": data.skipped},
-        "reconstruction": units_report,
+        **reconstruction,
         "validation": validation.to_dict(), "seconds": round(time.monotonic() - started, 2),
     }
     if config.report:
         write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
-        if units_report:
-            plot_unit_losses(units_report, Path(config.report).with_suffix(".png"),
+        if reconstruction:
+            plot_unit_losses(reconstruction["unit_losses"], Path(config.report).with_suffix(".png"),
                              f"{model_path.name} {config.method} W{config.weight_bits}A{config.activation_bits}")
     return QuantizeResult(output, report, validation)
 
@@ -172,6 +181,76 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing)
 
 
+def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.device,
+                    checkpointer: Checkpointer) -> tuple[dict, NetworkMirror]:
+    """Reconstruct with the configured method and granularity; with --compare-granularity, also
+    without ModCap (after the main run, from the same initial quantizers). Returns the report's
+    reconstruction sections and the mirror whose units were reconstructed."""
+    settings = reconstruction_settings(config, sim.prepared.model)
+    loss_images = sim.data.inputs[:LOSS_BATCHES]
+    losses = {"units": [u.name for u in sim.units], "before": unit_errors(sim.mirror, loss_images, device)}
+    schedule = modcap_schedule(sim, config, device)
+    units = merge_units(sim.prepared.model, sim.units, schedule) if schedule else sim.units
+    mirror = sim.mirror
+    if schedule:
+        mirror = NetworkMirror(sim.prepared.model, units).eval().to(device)
+        mirror.attach(sim.quantizers)
+    initial_state = quantizer_state(sim.quantizers)
+
+    def run_reconstruction(on: NetworkMirror, saving: Checkpointer | None, resume: bool, cache: Path) -> list[dict]:
+        prediction = pdquant_inputs(sim, on, device) if config.method == "pdquant" else None
+        return results_to_dicts(reconstruct(
+            on, sim.quantizers, sim.data.inputs, settings, device, config.seed, cache_folder=cache,
+            cache_budget=int(config.cache_mem * (1 << 30)), checkpointer=saving, resume=resume,
+            prediction=prediction))
+
+    report: dict = {"reconstruction": run_reconstruction(mirror, checkpointer, config.resume,
+                                                          checkpointer.folder / "cache"),
+                    "reconstruction_settings": asdict(settings)}
+    if config.method == "pdquant":
+        report["distribution_correction"] = distribution_correction(sim.prepared, settings)
+        tqdm.write(f"note: distribution correction {report['distribution_correction']}", file=sys.stderr)
+    losses["after"] = unit_errors(sim.mirror, loss_images, device)
+    losses["oscillation"] = oscillation(losses["after"])
+    if schedule:
+        report["modcap"] = {**schedule.to_dict(), "schedule": schedule.text()}
+        losses["groups"] = schedule.groups
+    if schedule and config.compare_granularity:
+        final_state = quantizer_state(sim.quantizers)
+        restore_quantizers(sim.quantizers, initial_state)
+        report["reconstruction_without_modcap"] = run_reconstruction(sim.mirror, None, False,
+                                                                     checkpointer.folder / "compare-cache")
+        losses["after_without_modcap"] = unit_errors(sim.mirror, loss_images, device)
+        losses["oscillation_without_modcap"] = oscillation(losses["after_without_modcap"])
+        restore_quantizers(sim.quantizers, final_state)
+    report["unit_losses"] = losses
+    return report, mirror
+
+
+def distribution_correction(prepared: PreparedModel, settings: ReconstructionSettings) -> str:
+    if not settings.dc:
+        return "off (--no-dc)"
+    if not prepared.bn_stats:
+        return ("skipped: the graph has no BatchNormalization statistics (BN was folded before export), "
+                "so PD-Quant runs without it")
+    return f"on: {len(prepared.bn_stats)} BatchNormalization statistics recorded by prepare"
+
+
+def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.device) -> Schedule | None:
+    if config.modcap == "off":
+        return None
+    if config.modcap == "data":
+        capacities = data_capacities(sim.mirror, sim.data.inputs, device)
+    else:
+        capacities = data_free_capacities(sim.prepared.model, sim.units, sim.plan)
+    return choose_groups(config.modcap, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
+
+
+def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device) -> Prediction:
+    float_mirror = NetworkMirror(sim.prepared.model, [u.unit for u in mirror.units]).eval().to(device)
+    return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats))
+
+
 def work_folder(output: Path, config: QuantizeConfig) -> Path:
     return Path(config.work_dir) if config.work_dir else output.with_name(f".{output.name}.work")
 
@@ -182,11 +261,20 @@ def result_affecting(config: QuantizeConfig) -> dict:
     return {key: value for key, value in asdict(config).items() if key not in ignored}
 
 
-def reconstruction_settings(config: QuantizeConfig) -> ReconstructionSettings:
-    chosen = {**PRESETS[config.preset], "method": config.method, "batch_size": config.batch_size}
-    if config.iters is not None:
-        chosen["iters"] = config.iters
+def reconstruction_settings(config: QuantizeConfig, model) -> ReconstructionSettings:
+    chosen = {**PRESETS[config.preset], "method": config.method, "batch_size": config.batch_size, "dc": config.dc,
+              **pd_defaults(has_depthwise_conv(model))}
+    given = {"iters": config.iters, "pd_temperature": config.pd_temperature, "pd_lambda": config.pd_lambda,
+             "dc_lambda": config.dc_lambda}
+    chosen.update({key: value for key, value in given.items() if value is not None})
     return ReconstructionSettings(**chosen)
+
+
+def has_depthwise_conv(model) -> bool:
+    """A Conv with one input channel per group: the MobileNet family."""
+    shapes = {t.name: t.dims for t in model.graph.initializer}
+    return any(node.op_type == "Conv" and node.input[1] in shapes and shapes[node.input[1]][1] == 1
+               and any(a.name == "group" and a.i > 1 for a in node.attribute) for node in model.graph.node)
 
 
 def check_options(config: QuantizeConfig) -> None:
@@ -196,6 +284,18 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError(f"unknown preset {config.preset!r}: choose {', '.join(PRESETS)}")
     if config.cache_mem < 0:
         raise UserError(f"--cache-mem must not be negative, got {config.cache_mem}")
+    if config.modcap not in MODCAP_MODES:
+        raise UserError(f"unknown --modcap {config.modcap!r}: choose {', '.join(MODCAP_MODES)}")
+    if config.modcap_k is not None and config.modcap_k < 1:
+        raise UserError(f"--modcap-k must be at least 1, got {config.modcap_k}")
+    if config.modcap != "off" and config.method == "rtn":
+        raise UserError("--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant")
+    if config.compare_granularity and config.modcap == "off":
+        raise UserError("--compare-granularity compares against ModCap: give --modcap data or free")
+    for name in ("pd_temperature", "pd_lambda", "dc_lambda"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if config.iters is not None and config.iters < 1:
         raise UserError(f"--iters must be at least 1, got {config.iters}")
     if config.init not in INIT_METHODS:

@@ -1,4 +1,5 @@
-"""A PNG of the reconstruction loss of every unit, before and after, across the network."""
+"""A PNG of every unit's reconstruction loss across the network: before and after reconstruction,
+after reconstruction without ModCap when that was compared, and the merged groups shaded."""
 
 from __future__ import annotations
 
@@ -10,18 +11,26 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_unit_losses(units: list[dict], path: Path, title: str) -> None:
-    names = [unit["name"] for unit in units]
-    positions = range(len(units))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(units)), 4.0))
-    axes.plot(positions, [u["loss_before"] for u in units], marker="o", label="before (initialised)")
-    axes.plot(positions, [u["loss_after"] for u in units], marker="o", label="after reconstruction")
+def plot_unit_losses(losses: dict, path: Path, title: str) -> None:
+    """`losses` is the report's `unit_losses` section."""
+    names = losses["units"]
+    positions = list(range(len(names)))
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4.0))
+    axes.plot(positions, losses["before"], marker="o", color="grey", label="before (initialised)")
+    if "after_without_modcap" in losses:
+        axes.plot(positions, losses["after_without_modcap"], marker="o",
+                  label=f"after, unit by unit (oscillation {losses['oscillation_without_modcap']:.3f})")
+    label = "after, ModCap groups" if "groups" in losses else "after reconstruction"
+    axes.plot(positions, losses["after"], marker="o", label=f"{label} (oscillation {losses['oscillation']:.3f})")
+    for group in losses.get("groups", []):
+        if len(group) > 1:
+            axes.axvspan(group[0] - 0.4, group[-1] + 0.4, color="tab:orange", alpha=0.15)
     axes.set_yscale("log")
-    axes.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
-    axes.set_ylabel("unit output error")
-    axes.set_title(title, fontsize=10)
+    axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+    axes.set_ylabel("unit output error (256 images)")
+    axes.set_title(title + ("; shaded: units reconstructed jointly" if "groups" in losses else ""), fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

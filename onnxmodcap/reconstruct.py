@@ -7,17 +7,26 @@ error (summed over channels, averaged over batch and positions) plus AdaRound's 
 is off for the first 20 % of iterations and then anneals beta from 20 to 2 (BRECQ). QDrop also mixes,
 element by element with probability 0.5, the quantized and the float unit input, and inside the unit
 the quantized and float value of every activation quantizer.
+
+PD-Quant adds, on top of QDrop, the prediction difference: the unit's output on the quantized input
+(no drop) is carried through the rest of the network in float to the logits, and
+KL(softmax(z_float / T) || softmax(z / T)) / lambda_r joins the objective. Before a unit is trained,
+its float input is corrected (distribution correction): Adam moves it so that, image by image, the
+per-channel mean and std of every BatchNormalization inside the unit match that BN's running
+statistics, with a penalty ||X_c - X||^2 / lambda_c; X_c then replaces the float input, and the float
+unit's output on X_c becomes the target.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
@@ -25,7 +34,7 @@ from .checkpoint import Checkpointer
 from .mirror import NetworkMirror, UnitMirror
 from .quantizers import QuantizerSet, drop_mix
 
-METHODS = ("brecq", "qdrop")
+METHODS = ("brecq", "qdrop", "pdquant")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -34,7 +43,9 @@ DEFAULT_CACHE_BYTES = 4 << 30
 class ReconstructionSettings:
     """Published defaults (BRECQ/QDrop): 20k iterations of batch 32 per unit, AdaRound with lambda
     0.01 and beta 20 -> 2 after a 20 % warm-up, Adam 1e-3 on the rounding variables and 4e-5 with
-    cosine decay on the activation step sizes, QDrop probability 0.5."""
+    cosine decay on the activation step sizes, QDrop probability 0.5. PD-Quant: lambda_r 0.1,
+    temperature and lambda_c by network (T 4, lambda_c 0.02 for ResNet/RegNet; T 1, lambda_c
+    0.005 for MobileNet-like, see `pd_defaults`), distribution correction with Adam 1e-3 for 500 steps."""
 
     method: str = "qdrop"
     iters: int = 20000
@@ -46,13 +57,31 @@ class ReconstructionSettings:
     beta_end: float = 2.0
     warmup: float = 0.2
     drop_prob: float = 0.5
+    pd_temperature: float = 4.0
+    pd_lambda: float = 0.1
+    pd_batch_size: int | None = None  # images of each batch carried to the logits (None: all)
+    dc_lambda: float = 0.02
+    dc: bool = True
+    dc_iters: int = 500
+    dc_lr: float = 1e-3
+
+    @property
+    def drops(self) -> bool:
+        return self.method in ("qdrop", "pdquant")
 
 
 PRESETS = {
     "paper": {},
-    # Measured on the shipped models: see BENCHMARKS.md for the accuracy it keeps.
-    "fast": {"iters": 1000},
+    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps. The
+    # distribution correction takes 10x fewer steps at 10x the learning rate (the same largest move).
+    "fast": {"iters": 1000, "dc_iters": 50, "dc_lr": 1e-2, "pd_batch_size": 8},
 }
+
+
+def pd_defaults(depthwise: bool) -> dict:
+    """PD-Quant's published temperature and lambda_c: MobileNet-like networks (depthwise
+    convolutions) use T = 1 and lambda_c = 0.005, ResNet/RegNet T = 4 and lambda_c = 0.02."""
+    return {"pd_temperature": 1.0, "dc_lambda": 0.005} if depthwise else {"pd_temperature": 4.0, "dc_lambda": 0.02}
 
 
 @dataclass
@@ -62,15 +91,17 @@ class UnitResult:
     loss_after: float
     iterations: int
     seconds: float
+    distribution_correction: str = ""  # pdquant: what the correction did for this unit
+    correction_seconds: float = 0.0  # pdquant: time of the correction, not included in `seconds`
 
 
 def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,
                 settings: ReconstructionSettings, device: torch.device, seed: int, cache_folder: Path,
                 cache_budget: int = DEFAULT_CACHE_BYTES, checkpointer: Checkpointer | None = None,
-                resume: bool = False) -> list[UnitResult]:
+                resume: bool = False, prediction: Prediction | None = None) -> list[UnitResult]:
     """Reconstruct every unit in order; after each, save a checkpoint when a checkpointer is given.
     With `resume`, the quantizers of finished units come from the checkpoint and the run continues
-    from the next unit with the random state it would have had."""
+    from the next unit with the random state it would have had. pdquant needs `prediction`."""
     if settings.method not in METHODS:
         raise UserError(f"unknown reconstruction method {settings.method!r}: choose {', '.join(METHODS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -80,6 +111,10 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     cache = TensorCache(cache_budget, cache_folder)
     float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
     quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
+    logits = None
+    if settings.method == "pdquant":
+        logits = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
+                                            device)[0])
     with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
         for index, unit in enumerate(mirror.units):
             float_inputs = float_stream.inputs_of(unit)
@@ -88,14 +123,147 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                 if resumed and index == resumed.completed:
                     generator.set_state(resumed.generator_state)
                     torch.set_rng_state(resumed.torch_state)
-                results.append(reconstruct_unit(unit, quantized_stream.inputs_of(unit), float_inputs,
-                                                float_outputs, settings, device, generator))
+                data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
+                if logits is not None:
+                    data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
+                results.append(reconstruct_unit(unit, data, settings, device, generator))
+                for cached in data.temporary:
+                    cache.release(cached)
                 if checkpointer:
                     checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
                 overall.update(1)
                 overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
             quantized_stream.advance(index, unit, quantized=True, device=device)
     return results
+
+
+@dataclass
+class Prediction:
+    """What PD-Quant needs beyond the quantized mirror: the float network (the same units, no
+    quantizers) and the target statistics of each folded BatchNormalization output."""
+
+    float_mirror: NetworkMirror
+    bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def batchnorm_targets(stats: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (mean, std) the folded Conv output should have. Matching the BN input to the
+    running mean and sqrt(var + eps), as PD-Quant does, is the same as matching the folded output
+    (x - mean) * scale / sqrt(var + eps) + bias to mean `bias` and std |scale|."""
+    return {name: (torch.from_numpy(np.asarray(s.bias, np.float32)), torch.from_numpy(np.abs(s.scale).astype(np.float32)))
+            for name, s in stats.items()}
+
+
+@dataclass
+class UnitData:
+    """The tensors one unit trains on, rows aligned with the calibration images: its quantized
+    input, the float counterpart QDrop mixes in, the training target, and the float output the
+    reported loss is measured against. pdquant adds the float rest of the network."""
+
+    quantized_inputs: list[CachedTensor]
+    float_inputs: list[CachedTensor]
+    targets: list[CachedTensor]
+    reference_outputs: list[CachedTensor]
+    rest: FloatRest | None = None
+    correction: str = ""
+    correction_seconds: float = 0.0
+    temporary: list[CachedTensor] = field(default_factory=list)  # released after the unit
+
+
+class FloatRest:
+    """The float network after one unit: carries that unit's outputs on to the logits."""
+
+    def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, logits: CachedTensor,
+                 device: torch.device):
+        self.units = list(float_mirror.units[index + 1:])
+        self.outputs = float_mirror.units[index].unit.outputs
+        self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
+        self.logits_name = float_mirror.output_names[0]
+        self.logits = logits
+        self.device = device
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> torch.Tensor:
+        env = {name: t[picks].to(self.device) for name, t in self.others.items()}
+        env.update(zip(self.outputs, outputs))
+        for unit in self.units:
+            env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
+        return env[self.logits_name]
+
+
+def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: TensorStream, logits: CachedTensor,
+                    settings: ReconstructionSettings, device: torch.device, cache: TensorCache) -> UnitData:
+    started = time.monotonic()
+    float_unit = prediction.float_mirror.units[index]
+    rest = FloatRest(prediction.float_mirror, index, stream, logits, device)
+    if not settings.dc:
+        return replace(data, rest=rest, correction="off (--no-dc)")
+    corrected, correction = correct_distribution(float_unit, data.float_inputs, prediction.bn_targets, settings,
+                                                 device, cache)
+    if corrected is None:
+        return replace(data, rest=rest, correction=correction)
+    targets = [cache.store(chunks) for chunks in run_in_batches(float_unit, corrected, device)]
+    return replace(data, float_inputs=corrected, targets=targets, rest=rest, correction=correction,
+                   correction_seconds=round(time.monotonic() - started, 2), temporary=[*corrected, *targets])
+
+
+CORRECTION_BATCH = 256
+
+
+def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor],
+                         bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]], settings: ReconstructionSettings,
+                         device: torch.device, cache: TensorCache) -> tuple[list[CachedTensor] | None, str]:
+    """PD-Quant's distribution correction of the unit's float input, image by image."""
+    produced = {name for _, _, outputs in float_unit.calls for name in outputs}
+    watched = {name: (mean.to(device), std.to(device)) for name, (mean, std) in bn_targets.items() if name in produced}
+    if len(float_inputs) != 1:
+        return None, "skipped: the unit has several inputs"
+    if not watched:
+        return None, "skipped: no BatchNormalization statistics inside the unit"
+    seen: dict[str, torch.Tensor] = {}
+    float_unit.observer = lambda name, value: seen.__setitem__(name, value) if name in watched else None
+    chunks = []
+    try:
+        for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
+            original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
+            corrected = original.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
+            for _ in range(settings.dc_iters):
+                seen.clear()
+                float_unit(corrected)
+                loss = statistics_error(seen, watched) + output_error(corrected, [original]) / settings.dc_lambda
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                plateau.step(loss.item())
+            chunks.append(corrected.detach().cpu())
+    finally:
+        float_unit.observer = None
+    return [cache.store(chunks)], f"applied ({len(watched)} BatchNormalization statistics)"
+
+
+def statistics_error(values: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Squared distance of each image's per-channel mean and std to the BN statistics, summed over
+    channels and tensors, averaged over images."""
+    total = 0.0
+    for name, value in values.items():
+        if value.dim() < 3:
+            continue
+        flat = value.flatten(2)
+        mean, std = flat.mean(2), torch.sqrt(flat.var(2) + 1e-6)
+        target_mean, target_std = targets[name]
+        total = total + ((mean - target_mean) ** 2).sum() / len(value) + ((std - target_std) ** 2).sum() / len(value)
+    return total
+
+
+def prediction_difference(logits: torch.Tensor, float_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(float / T) || softmax(quantized / T)), averaged over images."""
+    return F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(float_logits / temperature, 1),
+                    reduction="batchmean")
+
+
+def as_tuple(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
 
 
 class CachedTensor:
@@ -198,6 +366,24 @@ def output_error(outputs, targets) -> torch.Tensor:
     return total
 
 
+def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device) -> list[float]:
+    """Every unit's output error on one batch: the float unit on the float input against the
+    quantized unit on the quantized input (the loss reconstruction lowers, seen whole-network)."""
+    float_env = {mirror.input_names[0]: torch.from_numpy(inputs).to(device)}
+    quantized_env = dict(float_env)
+    errors = []
+    with torch.no_grad():
+        for unit in mirror.units:
+            unit.set_quantization(False)
+            float_outputs = as_tuple(unit(*(float_env[name] for name in unit.unit.inputs)))
+            unit.set_quantization(True)
+            quantized_outputs = as_tuple(unit(*(quantized_env[name] for name in unit.unit.inputs)))
+            float_env.update(zip(unit.unit.outputs, float_outputs))
+            quantized_env.update(zip(unit.unit.outputs, quantized_outputs))
+            errors.append(float(output_error(quantized_outputs, float_outputs)))
+    return errors
+
+
 def measure_loss(unit: UnitMirror, inputs, targets, device) -> float:
     with torch.no_grad():
         batch = [t[:LOSS_BATCHES].to(device) for t in inputs]
@@ -244,7 +430,7 @@ def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTr
     for quantizer in activations:
         quantizer.learning = True
         quantizer.scale.requires_grad_(True)
-        quantizer.drop_prob = settings.drop_prob if settings.method == "qdrop" else 0.0
+        quantizer.drop_prob = settings.drop_prob if settings.drops else 0.0
     optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr)] if weights else []
     schedulers = []
     if activations:
@@ -254,22 +440,22 @@ def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTr
     return UnitTraining(weights, activations, optimizers, schedulers)
 
 
-def reconstruct_unit(unit: UnitMirror, quantized_inputs, float_inputs, float_outputs,
-                     settings: ReconstructionSettings, device: torch.device, generator: torch.Generator) -> UnitResult:
+def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
+                     generator: torch.Generator) -> UnitResult:
     started = time.monotonic()
-    loss_before = measure_loss(unit, quantized_inputs, float_outputs, device)
+    loss_before = measure_loss(unit, data.quantized_inputs, data.reference_outputs, device)
     training = start_training(unit, settings)
     with tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
         for step in progress:
             beta = rounding_beta(step, settings) if training.weights else None
-            loss = training_loss(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator,
-                                 training.weights, beta)
+            loss = training_loss(unit, data, settings, device, generator, training.weights, beta)
             training.step(loss)
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4g}")
     training.finish()
-    loss_after = measure_loss(unit, quantized_inputs, float_outputs, device)
-    return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2))
+    loss_after = measure_loss(unit, data.quantized_inputs, data.reference_outputs, device)
+    return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2),
+                      data.correction, data.correction_seconds)
 
 
 def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
@@ -281,15 +467,24 @@ def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
     return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(math.pi * fraction))
 
 
-def training_loss(unit, quantized_inputs, float_inputs, float_outputs, settings, device, generator, weights,
-                  beta: float | None) -> torch.Tensor:
-    count = len(quantized_inputs[0])
+def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
+                  generator: torch.Generator, weights: list, beta: float | None) -> torch.Tensor:
+    count = len(data.quantized_inputs[0])
     picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
-    batch = [t[picks].to(device) for t in quantized_inputs]
-    if settings.method == "qdrop":
-        float_batch = [t[picks].to(device) for t in float_inputs]
-        batch = [drop_mix(q, f, settings.drop_prob) for q, f in zip(batch, float_batch)]
-    loss = output_error(unit(*batch), [t[picks].to(device) for t in float_outputs])
+    quantized = [t[picks].to(device) for t in data.quantized_inputs]
+    batch = quantized
+    if settings.drops:
+        batch = [drop_mix(q, t[picks].to(device), settings.drop_prob) for q, t in zip(quantized, data.float_inputs)]
+    # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
+    carried = picks[:settings.pd_batch_size or len(picks)] if data.rest else picks[:0]
+    if len(carried):
+        batch = [torch.cat((b, q[:len(carried)])) for b, q in zip(batch, quantized)]
+    outputs = as_tuple(unit(*batch))
+    loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
+    if len(carried):
+        logits = data.rest(tuple(o[len(picks):] for o in outputs), carried)
+        loss = loss + prediction_difference(logits, data.rest.logits[carried].to(device),
+                                            settings.pd_temperature) / settings.pd_lambda
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
     return loss

@@ -1,0 +1,140 @@
+"""PD-Quant and ModCap against QDrop and BRECQ on the shipped models: top-1 (mean of seeds), the
+oscillation of the per-unit losses, and wall times.
+
+    OMP_NUM_THREADS=1 python tools/bench_modcap.py run --results /tmp/mc/a.jsonl --iters 200 --seeds 0 1 2 \
+        --run mobilenetv2_x0_5:2:4:qdrop --run mobilenetv2_x0_5:2:4:qdrop:data ...
+    python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out benchmarks_modcap.md
+
+A run is MODEL:WBITS:ABITS:METHOD[:MODCAP] (MODEL: a stem in --models). Each (run, seed) quantizes
+in this process with `onnxmodcap.quantize(...)` (calibration folder, all images), then evaluates
+the output on the whole test set against the float model, and appends one JSON line to --results;
+runs already in --results are skipped, so an interrupted benchmark continues where it stopped.
+Several `run` processes with different --results files can share the machine; `render` merges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import onnxmodcap
+from onnxmodcap.evaluate import evaluate
+
+
+def parse_run(text: str) -> dict:
+    model, wbits, abits, method, *rest = text.split(":")
+    return {"model": model, "wbits": int(wbits), "abits": int(abits), "method": method,
+            "modcap": rest[0] if rest else "off"}
+
+
+def key(record: dict) -> tuple:
+    return (record["model"], record["wbits"], record["abits"], record["method"], record["modcap"],
+            record["iters"], record["seed"])
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        if path.exists():
+            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def code_state() -> str:
+    root = Path(onnxmodcap.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "onnxmodcap"], cwd=root, capture_output=True, text=True)
+    return head.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def measure(spec: dict, seed: int, args) -> dict:
+    model = args.models / f"{spec['model']}.onnx"
+    with tempfile.TemporaryDirectory() as folder:
+        output, report = Path(folder) / "q.onnx", Path(folder) / "q.json"
+        started = time.monotonic()
+        result = onnxmodcap.quantize(model, args.calib, wbits=spec["wbits"], abits=spec["abits"],
+                                     method=spec["method"], modcap=spec["modcap"], iters=args.iters,
+                                     preset=args.preset, seed=seed, output=str(output), report=str(report))
+        wall = time.monotonic() - started
+        evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
+    recon = result.report.get("reconstruction", [])
+    losses = result.report.get("unit_losses", {})
+    return {**spec, "iters": args.iters, "preset": args.preset, "seed": seed, "top1": evaluation.top1,
+            "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
+            "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
+            "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
+            "oscillation": losses.get("oscillation"), "unit_losses_after": losses.get("after"),
+            "merged": result.report.get("modcap", {}).get("merged"),
+            "parity": result.validation.to_dict(), "code": code_state(),
+            "threads": os.environ.get("OMP_NUM_THREADS"), "load_after": os.getloadavg()[0],
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run(args) -> None:
+    done = {key(r) for r in read_records([args.results])}
+    for text in args.run:
+        for seed in args.seeds:
+            spec = parse_run(text)
+            if key({**spec, "iters": args.iters, "seed": seed}) in done:
+                continue
+            print(f"{text} seed {seed}", flush=True)
+            record = measure(spec, seed, args)
+            with args.results.open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+            print(f"  top-1 {100 * record['top1']:.2f} %, {record['quantize_seconds']} s", flush=True)
+
+
+def render(args) -> None:
+    records = read_records(args.results)
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(key(record)[:6], []).append(record)
+    lines = ["| model | W/A | method | modcap | iters/unit | seeds | top-1 % mean ± sd | per seed | "
+             "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, wbits, abits, method, modcap, iters), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: r["seed"])
+        top1 = [100 * r["top1"] for r in rows]
+        spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        mean = lambda field: statistics.fmean(r[field] for r in rows)  # noqa: E731
+        oscillation = f"{mean('oscillation'):.3f}" if rows[0]["oscillation"] is not None else "–"
+        merged = "; ".join("+".join(g) for g in rows[0]["merged"]) if rows[0]["merged"] else "–"
+        lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {len(rows)} | "
+                     f"{statistics.fmean(top1):.2f} ± {spread:.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
+                     f"{oscillation} | {mean('quantize_seconds'):.0f} | {mean('reconstruction_seconds'):.0f} | "
+                     f"{mean('correction_seconds'):.0f} | {merged} |")
+    codes = sorted({r["code"] for r in records})
+    header = [f"Machine: {platform.node()}, {os.cpu_count()} cores; code: {', '.join(codes)}; "
+              f"threads per run: {', '.join(sorted({str(r['threads']) for r in records}))}; "
+              f"last run finished {max(r['finished'] for r in records)}.", ""]
+    args.out.write_text("\n".join(header + lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    runner = commands.add_parser("run")
+    runner.add_argument("--run", action="append", required=True)
+    runner.add_argument("--results", type=Path, required=True)
+    runner.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    runner.add_argument("--iters", type=int, default=None, help="iterations per unit (default: the preset's)")
+    runner.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    runner.add_argument("--models", type=Path, default=Path("models"))
+    runner.add_argument("--calib", type=Path, default=Path("models/calib"))
+    runner.add_argument("--data", type=Path, default=Path("models/fashion_mnist_test.npz"))
+    renderer = commands.add_parser("render")
+    renderer.add_argument("--results", type=Path, nargs="+", required=True)
+    renderer.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    run(args) if args.command == "run" else render(args)
+
+
+if __name__ == "__main__":
+    main()
