@@ -38,13 +38,17 @@ def main():
 @click.option("--verify", is_flag=True,
               help="Run the torch mirror and ONNX Runtime on the same random batch and report the error.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random verification batch.")
+@click.option("--modcap", type=click.Choice(["off", "free"]), default="off", show_default=True,
+              help="free: also print the data-free ModCap schedule (capacities, differentials, merged units).")
+@click.option("--modcap-k", type=int, help="Adjacent pairs to merge (default: about one per four blocks).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits the data-free capacities assume.")
 @user_errors
-def inspect(model, as_json, verify, seed):
+def inspect(model, as_json, verify, seed, modcap, modcap_k, bits):
     """Show the reconstruction units of MODEL (an ONNX file)."""
     from .inspect_model import format_table, inspect_model
     from .mirror import unsupported_message
 
-    inspection = inspect_model(model, verify=verify, seed=seed)
+    inspection = inspect_model(model, verify=verify, seed=seed, modcap=modcap, modcap_k=modcap_k, bits=bits)
     report = inspection.to_dict()
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if inspection.unsupported:

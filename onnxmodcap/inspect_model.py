@@ -11,7 +11,9 @@ import torch
 
 from .errors import UserError
 from .mirror import NetworkMirror, unsupported_ops
+from .modcap import Schedule, choose_groups, data_free_capacities, default_pairs
 from .partition import Unit, partition
+from .plan import MAX_BITS, MIN_BITS, PlanOptions, make_plan
 from .prepare import PreparedModel, prepare
 from .runtime import create_session, session_provider
 
@@ -25,6 +27,7 @@ class Inspection:
     unsupported: dict[str, str]
     mirror_max_rel_err: float | None = None
     provider: str | None = None
+    schedule: Schedule | None = None
 
     def to_dict(self) -> dict:
         shapes = tensor_shapes(self.prepared.model)
@@ -42,19 +45,35 @@ class Inspection:
             "unsupported_ops": sorted(self.unsupported),
             "notes": self.prepared.notes,
         }
+        if self.schedule is not None:
+            result["modcap"] = {**self.schedule.to_dict(), "schedule": self.schedule.text()}
         if self.mirror_max_rel_err is not None:
             result["mirror_max_rel_err"] = self.mirror_max_rel_err
             result["provider"] = self.provider
         return result
 
 
-def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0) -> Inspection:
+def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0, modcap: str = "off",
+                  modcap_k: int | None = None, bits: int = 4) -> Inspection:
     prepared = prepare(path)
     units = partition(prepared.model)
     inspection = Inspection(prepared, units, unsupported_ops(prepared.model))
     if verify and not inspection.unsupported:
         inspection.mirror_max_rel_err, inspection.provider = verify_mirror(prepared, units, seed)
+    if modcap == "free":
+        inspection.schedule = data_free_schedule(prepared, units, modcap_k, bits)
     return inspection
+
+
+def data_free_schedule(prepared: PreparedModel, units: list[Unit], pairs: int | None, bits: int) -> Schedule:
+    """The schedule `quantize --modcap free --bits BITS` uses (first and last layers at 8 bits)."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise UserError(f"--bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    if pairs is not None and pairs < 1:
+        raise UserError(f"--modcap-k must be at least 1, got {pairs}")
+    plan = make_plan(prepared.model, PlanOptions(wbits=bits, abits=bits))
+    capacities = data_free_capacities(prepared.model, units, plan)
+    return choose_groups("free", units, capacities, pairs or default_pairs(units))
 
 
 def verify_mirror(prepared: PreparedModel, units: list[Unit], seed: int) -> tuple[float, str]:
@@ -117,10 +136,26 @@ def format_table(report: dict) -> str:
     lines += [f"note: {note}" for note in report["notes"]]
     if report["unsupported_ops"]:
         lines.append(f"unsupported ops: {', '.join(report['unsupported_ops'])}")
+    if "modcap" in report:
+        lines += modcap_lines(report["modcap"])
     if "mirror_max_rel_err" in report:
         lines.append(f"mirror_max_rel_err: {report['mirror_max_rel_err']:.3g} "
                      f"(ONNX Runtime provider: {report['provider']})")
     return "\n".join(lines)
+
+
+def modcap_lines(schedule: dict) -> list[str]:
+    rows = [("unit", "capacity", "differential to next")]
+    for name, capacity, differential in zip(schedule["names"], schedule["capacities"],
+                                            [*schedule["differentials"], None]):
+        rows.append((name, "-" if capacity is None else f"{capacity:.4g}",
+                     "-" if differential is None else f"{differential:.3f}"))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    lines = ["", f"ModCap ({schedule['mode']}): capacities and adjacent differentials |log c(k+1) - log c(k)|"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    merged = ", ".join("+".join(group) for group in schedule["merged"]) or "none"
+    lines += [f"reconstructed jointly: {merged}", f"schedule (units from stem to head): {schedule['schedule']}"]
+    return lines
 
 
 def shape_text(shape) -> str:

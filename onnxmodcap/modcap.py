@@ -51,12 +51,10 @@ class Schedule:
         return {**asdict(self), "merged": self.merged()}
 
     def text(self) -> str:
-        """The schedule in the published notation: blocks numbered in order, stem and head left out,
-        merged blocks in parentheses with the group's number repeated."""
-        parts = []
-        for number, group in enumerate((g for g in self.groups if self.capacities[g[0]] is not None), start=1):
-            parts.append(str(number) if len(group) == 1 else "(" + ", ".join([str(number)] * len(group)) + ")")
-        return ", ".join(parts)
+        """The schedule in the notation of the MRECG code: groups numbered in order from the stem
+        to the head, a merged group's number repeated once per unit inside parentheses."""
+        return ", ".join(str(number) if len(group) == 1 else "(" + ", ".join([str(number)] * len(group)) + ")"
+                         for number, group in enumerate(self.groups, start=1))
 
 
 def default_pairs(units: list[Unit]) -> int:

@@ -1,0 +1,168 @@
+"""ModCap (schedules, merged units, oscillation) and PD-Quant (prediction difference, distribution
+correction) on real graphs: the shipped models and the test zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import onnxmodcap
+from onnxmodcap.cli import main
+from onnxmodcap.inspect_model import inspect_model
+from onnxmodcap.mirror import NetworkMirror
+from onnxmodcap.modcap import choose_groups, data_capacities, merge_units, oscillation
+from onnxmodcap.partition import Unit
+from onnxmodcap.pipeline import QuantizeConfig, simulate
+from onnxmodcap.reconstruct import (
+    CachedTensor, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, statistics_error,
+)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+ITERS = 30
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((96 + 64, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def named_units(*names: str) -> list[Unit]:
+    return [Unit(i, name, [], [], [], []) for i, name in enumerate(names)]
+
+
+def test_top_pairs_merge_into_groups_of_at_most_three_and_never_the_stem_or_head():
+    units = named_units("stem", "block1", "block2", "block3", "block4", "block5", "block6", "head")
+    capacities = [None, 1.0, 10.0, 100.0, 1000.0, 1000.0, 1500.0, None]
+    schedule = choose_groups("free", units, capacities, pairs=3)
+    # block1-2 and block2-3 rank first; block3-4 would make a group of four, so the next pair merges
+    assert schedule.groups == [[0], [1, 2, 3], [4], [5, 6], [7]]
+    assert schedule.merged() == [["block1", "block2", "block3"], ["block5", "block6"]]
+    assert schedule.text() == "1, (2, 2, 2), 3, (4, 4), 5"
+    assert schedule.differentials[0] is None and schedule.differentials[-1] is None
+
+
+def test_oscillation_is_total_variation_over_the_sum():
+    assert oscillation([1.0, 2.0, 1.0]) == pytest.approx(0.5)
+    assert oscillation([3.0, 3.0, 3.0]) == 0.0
+
+
+def test_data_free_schedule_of_the_shipped_resnet():
+    schedule = inspect_model(SHIPPED / "resnet18.onnx", modcap="free").schedule
+    assert schedule.merged() == [["block4", "block5"], ["block6", "block7"]]
+    assert schedule.text() == "1, 2, 3, 4, (5, 5), (6, 6), 7, 8"
+    result = run_cli("inspect", SHIPPED / "resnet18.onnx", "--modcap", "free", "--modcap-k", "1")
+    assert result.exit_code == 0, result.output
+    assert "reconstructed jointly: block6+block7" in result.output.splitlines()
+
+
+def test_merged_units_compute_exactly_what_the_units_computed(exported_model, calib):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    sim = simulate(path, calib, QuantizeConfig(bits=4, num_calib=32), torch.device("cpu"))
+    capacities = data_capacities(sim.mirror, sim.data.inputs, torch.device("cpu"))
+    schedule = choose_groups("data", sim.units, capacities, pairs=4)
+    merged = NetworkMirror(sim.prepared.model, merge_units(sim.prepared.model, sim.units, schedule)).eval()
+    merged.attach(sim.quantizers)
+    assert len(merged.units) < len(sim.units)
+    batch = torch.from_numpy(sim.data.inputs)
+    with torch.no_grad():
+        for quantized in (True, False):
+            sim.mirror.set_quantization(quantized)
+            merged.set_quantization(quantized)
+            assert torch.equal(sim.mirror(batch)[0], merged(batch)[0])
+
+
+def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_model, calib, tmp_path):
+    path, _ = exported_model("resnet18", "legacy_bn")
+    sim = simulate(path, calib, QuantizeConfig(bits=4, num_calib=64), torch.device("cpu"))
+    targets = batchnorm_targets(sim.prepared.bn_stats)
+    stem = NetworkMirror(sim.prepared.model, sim.units).units[0]
+    images = CachedTensor(torch.from_numpy(sim.data.inputs))
+
+    def correct(dc_lambda):
+        corrected, note = correct_distribution(stem, [images], targets, ReconstructionSettings(dc_iters=100,
+                                               dc_lambda=dc_lambda), torch.device("cpu"), TensorCache(1 << 30, tmp_path))
+        assert note == "applied (1 BatchNormalization statistics)"
+        return corrected[0][:]
+
+    def error(inputs):
+        seen = {}
+        stem.observer = lambda name, value: seen.__setitem__(name, value) if name in targets else None
+        with torch.no_grad():
+            stem(inputs)
+        stem.observer = None
+        return float(statistics_error(seen, targets))
+
+    # the penalty ||X_c - X||^2 / lambda_c holds the correction back: without it, the statistics move further
+    assert error(correct(1e6)) < error(correct(0.02)) < error(images[:])
+
+
+def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inputs(exported_model, calib, tmp_path):
+    path, _ = exported_model("resnet18", "legacy_bn")
+    result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="pdquant", modcap="data", preset="fast",
+                                 iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"))
+    assert result.validation.parity_ok and result.validation.held_out
+    merged = result.report["modcap"]["merged"]
+    assert sum(len(group) - 1 for group in merged) == 2  # pairs merged: the default for 8 blocks
+    names = [u["name"] for u in result.report["reconstruction"]]
+    assert ["+".join(group) for group in merged] == [name for name in names if "+" in name]
+    corrections = {u["name"]: u["distribution_correction"] for u in result.report["reconstruction"]}
+    assert corrections["stem"] == "applied (1 BatchNormalization statistics)"
+    assert all(corrections[name].startswith("applied (") for name in names[:-1])
+    assert corrections["head"] == "skipped: no BatchNormalization statistics inside the unit"
+    assert result.report["reconstruction_settings"]["pd_temperature"] == 4.0
+    assert result.report["distribution_correction"] == "on: 20 BatchNormalization statistics recorded by prepare"
+
+
+def test_compare_granularity_reports_both_loss_curves(exported_model, calib, tmp_path):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    report = tmp_path / "report.json"
+    result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="brecq", modcap="free", compare_granularity=True,
+                                 iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"), report=str(report))
+    assert result.validation.parity_ok
+    assert [u["name"] for u in result.report["reconstruction_without_modcap"]] == \
+        [u["name"] for u in result.report["units"]]
+    assert len(result.report["reconstruction"]) < len(result.report["units"])
+    losses = result.report["unit_losses"]
+    assert len(losses["before"]) == len(losses["after"]) == len(losses["after_without_modcap"]) == \
+        len(result.report["units"])
+    assert losses["oscillation"] == pytest.approx(oscillation(losses["after"]))
+    assert losses["oscillation_without_modcap"] == pytest.approx(oscillation(losses["after_without_modcap"]))
+    assert losses["after"] != losses["after_without_modcap"]
+    assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pdquant_without_bn_statistics_says_so_and_skips_the_correction(exported_model, calib, tmp_path):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    result = onnxmodcap.quantize(path, calib, bits=4, method="pdquant", preset="fast", iters=ITERS, num_calib=96,
+                                 output=str(tmp_path / "q.onnx"))
+    assert result.validation.parity_ok
+    assert result.report["distribution_correction"].startswith(
+        "skipped: the graph has no BatchNormalization statistics (BN was folded before export)")
+    assert {u["distribution_correction"] for u in result.report["reconstruction"]} == {
+        "skipped: no BatchNormalization statistics inside the unit"}
+    assert result.report["reconstruction_settings"]["pd_temperature"] == 1.0  # depthwise convolutions
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--modcap", "data"], "--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant"),
+    (["--method", "qdrop", "--compare-granularity"],
+     "--compare-granularity compares against ModCap: give --modcap data or free"),
+    (["--method", "pdquant", "--pd-lambda", "0"], "--pd-lambda must be positive, got 0.0"),
+    (["--method", "qdrop", "--modcap", "free", "--modcap-k", "0"], "--modcap-k must be at least 1, got 0"),
+])
+def test_bad_options_give_one_error_line(calib, tmp_path, options, message):
+    output = tmp_path / "q.onnx"
+    result = run_cli("quantize", SHIPPED / "resnet18.onnx", "--calib", calib, "-o", output, *options)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []
