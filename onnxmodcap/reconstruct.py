@@ -37,6 +37,7 @@ from .quantizers import QuantizerSet, drop_mix
 METHODS = ("brecq", "qdrop", "pdquant")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
 DEFAULT_CACHE_BYTES = 4 << 30
+CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,6 @@ def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: 
     targets = [cache.store(chunks) for chunks in run_in_batches(float_unit, corrected, device)]
     return replace(data, float_inputs=corrected, targets=targets, rest=rest, correction=correction,
                    correction_seconds=round(time.monotonic() - started, 2), temporary=[*corrected, *targets])
-
-
-CORRECTION_BATCH = 256
 
 
 def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor],

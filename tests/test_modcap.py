@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import onnxmodcap
+from onnxmodcap.checkpoint import Checkpointer
 from onnxmodcap.cli import main
+from onnxmodcap.errors import Interrupted
 from onnxmodcap.inspect_model import inspect_model
 from onnxmodcap.mirror import NetworkMirror
 from onnxmodcap.modcap import choose_groups, data_capacities, merge_units, oscillation
@@ -166,3 +168,26 @@ def test_bad_options_give_one_error_line(calib, tmp_path, options, message):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"error: {message}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_pdquant_modcap_run_resumes_to_the_identical_file(exported_model, calib, tmp_path, monkeypatch):
+    path, _ = exported_model("resnet18", "legacy_bn")
+    options = {"wbits": 2, "abits": 4, "method": "pdquant", "modcap": "free", "preset": "fast", "iters": 10,
+               "num_calib": 96}
+    whole = onnxmodcap.quantize(path, calib, output=str(tmp_path / "whole.onnx"), **options).output.read_bytes()
+    save = Checkpointer.save
+
+    def save_then_interrupt(self, completed, *args):
+        save(self, completed, *args)
+        if completed == 5:  # stem, block1-3 and the merged group block4+block5
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)
+    output = tmp_path / "q.onnx"
+    with pytest.raises(Interrupted):
+        onnxmodcap.quantize(path, calib, output=str(output), **options)
+    monkeypatch.undo()
+    assert not output.exists()
+    resumed = onnxmodcap.quantize(path, calib, output=str(output), resume=True, **options)
+    assert [u["name"] for u in resumed.report["reconstruction"]][4] == "block4+block5"
+    assert resumed.output.read_bytes() == whole

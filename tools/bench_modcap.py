@@ -9,7 +9,8 @@ A run is MODEL:WBITS:ABITS:METHOD[:MODCAP] (MODEL: a stem in --models). Each (ru
 in this process with `onnxmodcap.quantize(...)` (calibration folder, all images), then evaluates
 the output on the whole test set against the float model, and appends one JSON line to --results;
 runs already in --results are skipped, so an interrupted benchmark continues where it stopped.
-Several `run` processes with different --results files can share the machine; `render` merges them.
+Several `run` processes with different --results files can share the machine; `render` merges them
+into the table between the marker comments of --out, leaving the rest of that file as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 
 import onnxmodcap
 from onnxmodcap.evaluate import evaluate
+
+
+TABLE_START, TABLE_END = "<!-- bench_modcap: table start -->", "<!-- bench_modcap: table end -->"
 
 
 def parse_run(text: str) -> dict:
@@ -114,7 +118,10 @@ def render(args) -> None:
     header = [f"Machine: {platform.node()}, {os.cpu_count()} cores; code: {', '.join(codes)}; "
               f"threads per run: {', '.join(sorted({str(r['threads']) for r in records}))}; "
               f"last run finished {max(r['finished'] for r in records)}.", ""]
-    args.out.write_text("\n".join(header + lines) + "\n")
+    table = "\n".join(header + lines)
+    text = args.out.read_text() if args.out.exists() else f"{TABLE_START}\n{TABLE_END}\n"
+    before, rest = text.split(TABLE_START, 1)
+    args.out.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
 
 
 def main() -> None:
