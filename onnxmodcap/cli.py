@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import __version__
+from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import UserError
 
 
@@ -129,13 +130,15 @@ def format_evaluation(result) -> str:
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits for weights and activations (2..8).")
 @click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
 @click.option("--abits", type=int, help="Activation bits (overrides --bits).")
-@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop", "pdquant"]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop", "pdquant"]), default=DEFAULT_METHOD,
+              show_default=True,
               help="rtn: round to nearest after scale initialisation. brecq: block reconstruction with "
                    "AdaRound + LSQ. qdrop: brecq with random quantization drop. pdquant: qdrop plus the "
                    "prediction difference and distribution correction.")
-@click.option("--modcap", type=click.Choice(["off", "data", "free"]), default="off", show_default=True,
+@click.option("--modcap", type=click.Choice(["off", "data", "free"]),
               help="Reconstruct the adjacent units that differ most in capacity jointly: data (measured "
-                   "output error) or free (parameters x bits).")
+                   f"output error) or free (parameters x bits). Default: {DEFAULT_MODCAP} with a "
+                   "reconstruction method, off with rtn.")
 @click.option("--modcap-k", type=int, help="Adjacent pairs ModCap merges (default: about one per four blocks).")
 @click.option("--compare-granularity", is_flag=True,
               help="Also reconstruct without ModCap and report both loss curves (about twice the time).")

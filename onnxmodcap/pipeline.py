@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
+from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
@@ -47,7 +48,7 @@ class QuantizeConfig:
     bits: int | None = 4
     wbits: int | None = None
     abits: int | None = None
-    method: str = "rtn"
+    method: str = DEFAULT_METHOD
     preset: str = "paper"  # reconstruction settings: "paper" (published defaults) or "fast"
     iters: int | None = None  # reconstruction iterations per unit (overrides the preset)
     work_dir: str | None = None  # checkpoints; default .<output name>.work beside the output
@@ -65,7 +66,7 @@ class QuantizeConfig:
     device: str = "cpu"
     provider: str = "auto"
     seed: int = 0
-    modcap: str = "off"  # off, data or free: which adjacent units to reconstruct jointly
+    modcap: str | None = None  # off, data or free (None: DEFAULT_MODCAP when reconstructing, else off)
     modcap_k: int | None = None  # pairs merged (default: about one per four blocks)
     compare_granularity: bool = False  # also reconstruct without ModCap and report both
     pd_temperature: float | None = None  # pdquant (default: by network, see reconstruct.pd_defaults)
@@ -73,6 +74,13 @@ class QuantizeConfig:
     dc_lambda: float | None = None
     dc: bool = True
     preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
+
+    @property
+    def granularity(self) -> str:
+        """The ModCap mode this run uses."""
+        if self.modcap is not None:
+            return self.modcap
+        return "off" if self.method == "rtn" else DEFAULT_MODCAP
 
     @property
     def weight_bits(self) -> int:
@@ -122,7 +130,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
         "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits,
-        "abits": config.activation_bits, "modcap": config.modcap, "init": config.init, "calibration_images": len(data.inputs),
+        "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
     })
     serialized = exported.SerializeToString()
@@ -237,13 +245,13 @@ def distribution_correction(prepared: PreparedModel, settings: ReconstructionSet
 
 
 def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.device) -> Schedule | None:
-    if config.modcap == "off":
+    if config.granularity == "off":
         return None
-    if config.modcap == "data":
+    if config.granularity == "data":
         capacities = data_capacities(sim.mirror, sim.data.inputs, device)
     else:
         capacities = data_free_capacities(sim.prepared.model, sim.units, sim.plan)
-    return choose_groups(config.modcap, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
+    return choose_groups(config.granularity, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
 
 
 def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device) -> Prediction:
@@ -284,13 +292,13 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError(f"unknown preset {config.preset!r}: choose {', '.join(PRESETS)}")
     if config.cache_mem < 0:
         raise UserError(f"--cache-mem must not be negative, got {config.cache_mem}")
-    if config.modcap not in MODCAP_MODES:
+    if config.granularity not in MODCAP_MODES:
         raise UserError(f"unknown --modcap {config.modcap!r}: choose {', '.join(MODCAP_MODES)}")
     if config.modcap_k is not None and config.modcap_k < 1:
         raise UserError(f"--modcap-k must be at least 1, got {config.modcap_k}")
-    if config.modcap != "off" and config.method == "rtn":
+    if config.modcap not in (None, "off") and config.method == "rtn":
         raise UserError("--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant")
-    if config.compare_granularity and config.modcap == "off":
+    if config.compare_granularity and config.granularity == "off":
         raise UserError("--compare-granularity compares against ModCap: give --modcap data or free")
     for name in ("pd_temperature", "pd_lambda", "dc_lambda"):
         value = getattr(config, name)

@@ -32,7 +32,7 @@ def calib_tensors(tmp_path_factory):
 def quantize_zoo(exported_model, calib, tmp_path, name, wbits, abits, target="ort", fmt="qdq"):
     path, _ = exported_model(name, "legacy")
     output = tmp_path / f"{name}.w{wbits}a{abits}.{target}.{fmt}.onnx"
-    return onnxmodcap.quantize(path, calib, wbits=wbits, abits=abits, target=target, format=fmt,
+    return onnxmodcap.quantize(path, calib, method="rtn", wbits=wbits, abits=abits, target=target, format=fmt,
                                output=str(output), num_calib=CALIB)
 
 
@@ -72,7 +72,7 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
 
 def test_first_and_last_layers_stay_8_bit_and_exclude_keeps_float(exported_model, calib_tensors, tmp_path):
     path, _ = exported_model("resnet18", "legacy")
-    result = onnxmodcap.quantize(path, calib_tensors, bits=2, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
+    result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=2, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
                                  exclude=(r"/layer4/.*",))
     weights = result.report["plan"]["weights"]
     assert weights[0]["bits"] == 8 and weights[-1]["bits"] == 8
@@ -88,7 +88,7 @@ def test_overrides_file_sets_bits_by_regex(exported_model, calib_tensors, tmp_pa
     path, _ = exported_model("resnet18", "legacy")
     overrides = tmp_path / "bits.yaml"
     overrides.write_text('layers:\n  "/layer1/.*": {wbits: 6, abits: 8}\n  "/layer2/layer2.0/conv1/Conv": float\n')
-    result = onnxmodcap.quantize(path, calib_tensors, bits=4, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
+    result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=4, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
                                  overrides=str(overrides))
     bits = {w["node"]: w["bits"] for w in result.report["plan"]["weights"]}
     assert all(b == 6 for node, b in bits.items() if node.startswith("/layer1/"))
@@ -101,7 +101,7 @@ def test_input_model_untouched_and_default_output_name(exported_model, calib_ten
     model_copy = tmp_path / "net.onnx"
     model_copy.write_bytes(path.read_bytes())
     before = hashlib.sha256(model_copy.read_bytes()).hexdigest()
-    result = onnxmodcap.quantize(model_copy, calib_tensors, bits=4, num_calib=CALIB)
+    result = onnxmodcap.quantize(model_copy, calib_tensors, method="rtn", bits=4, num_calib=CALIB)
     assert result.output == tmp_path / "net.w4a4.onnx"
     assert hashlib.sha256(model_copy.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.w4a4.onnx"]
@@ -119,7 +119,7 @@ def write_images(folder, count, size=(40, 36), mode="RGB"):
 def test_image_folder_calibration_of_any_size(exported_model, tmp_path):
     path, _ = exported_model("resnet18", "legacy")
     images = write_images(tmp_path / "imgs", 40, size=(50, 41))
-    result = onnxmodcap.quantize(path, images, bits=4, output=str(tmp_path / "q.onnx"),
+    result = onnxmodcap.quantize(path, images, method="rtn", bits=4, output=str(tmp_path / "q.onnx"),
                                  preprocess={"mean": "0.5,0.5,0.5", "std": "0.25,0.25,0.25"})
     assert result.report["calibration"]["images"] == 40
     assert result.validation.parity_ok
@@ -206,12 +206,12 @@ def test_model_without_weighted_layers(tmp_path, calib_tensors):
     path = tmp_path / "relu.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), path)
     with pytest.raises(UserError, match=r"^the model has no weighted layers"):
-        onnxmodcap.quantize(path, calib_tensors)
+        onnxmodcap.quantize(path, calib_tensors, method="rtn")
 
 
 def test_cli_quantize_and_tensorrt_check(resnet, calib_tensors, tmp_path):
     out, report = tmp_path / "trt.onnx", tmp_path / "report.json"
-    result = run_cli("quantize", resnet, "--calib", calib_tensors, "--num-calib", CALIB, "--bits", 4,
+    result = run_cli("quantize", resnet, "--calib", calib_tensors, "--method", "rtn", "--num-calib", CALIB, "--bits", 4,
                      "--target", "tensorrt", "-o", out, "--report", report)
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
@@ -219,7 +219,7 @@ def test_cli_quantize_and_tensorrt_check(resnet, calib_tensors, tmp_path):
     checked = run_cli("check", out, "--target", "tensorrt")
     assert checked.exit_code == 0 and checked.output.strip() == f"{out}: no TensorRT rule violations"
     ort_model = tmp_path / "ort.onnx"
-    assert run_cli("quantize", resnet, "--calib", calib_tensors, "--num-calib", CALIB, "-o", ort_model).exit_code == 0
+    assert run_cli("quantize", resnet, "--calib", calib_tensors, "--method", "rtn", "--num-calib", CALIB, "-o", ort_model).exit_code == 0
     violations = run_cli("check", ort_model)
     assert violations.exit_code == 2
     assert "zero point type UINT8, TensorRT needs INT8" in violations.output
