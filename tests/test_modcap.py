@@ -156,7 +156,7 @@ def test_pdquant_without_bn_statistics_says_so_and_skips_the_correction(exported
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--modcap", "data"], "--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant"),
+    (["--method", "rtn", "--modcap", "data"], "--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant"),
     (["--method", "qdrop", "--modcap", "off", "--compare-granularity"],
      "--compare-granularity compares against ModCap: give --modcap data or free"),
     (["--method", "pdquant", "--pd-lambda", "0"], "--pd-lambda must be positive, got 0.0"),
