@@ -103,7 +103,7 @@ def render(args) -> None:
     lines = ["| model | W/A | method | modcap | iters/unit | seeds | top-1 % mean ± sd | per seed | "
              "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, wbits, abits, method, modcap, iters), rows in sorted(groups.items()):
+    for (model, wbits, abits, method, modcap, iters), rows in sorted(groups.items(), key=lambda item: str(item[0])):
         rows.sort(key=lambda r: r["seed"])
         top1 = [100 * r["top1"] for r in rows]
         spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
