@@ -13,7 +13,7 @@ from .errors import UserError
 from .mirror import NetworkMirror, unsupported_ops
 from .modcap import Schedule, choose_groups, data_free_capacities, default_pairs
 from .partition import Unit, partition
-from .plan import MAX_BITS, MIN_BITS, PlanOptions, make_plan
+from .plan import PlanOptions, check_bits, make_plan
 from .prepare import PreparedModel, prepare
 from .runtime import create_session, session_provider
 
@@ -67,8 +67,7 @@ def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0, 
 
 def data_free_schedule(prepared: PreparedModel, units: list[Unit], pairs: int | None, bits: int) -> Schedule:
     """The schedule `quantize --modcap free --bits BITS` uses (first and last layers at 8 bits)."""
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise UserError(f"--bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    check_bits(bits, "--bits")
     if pairs is not None and pairs < 1:
         raise UserError(f"--modcap-k must be at least 1, got {pairs}")
     plan = make_plan(prepared.model, PlanOptions(wbits=bits, abits=bits))

@@ -45,6 +45,11 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise UserError(unsupported_message(missing))
 
 
+def as_tuple(result) -> tuple:
+    """An op's or a unit's result as a tuple, whether it gave one tensor or several."""
+    return result if isinstance(result, tuple) else (result,)
+
+
 def module_key(prefix: str, name: str, index: int) -> str:
     """A ModuleDict/ParameterDict-safe key that stays readable."""
     return f"{prefix}{index}_{re.sub(r'[^0-9A-Za-z_]', '_', name)[-40:]}"
@@ -157,8 +162,7 @@ class UnitMirror(nn.Module):
             source = floats if call.name in self.float_layers else {}
             args = [None if not n else source[n] if n in source else env[n] if n in env else self.read_constant(n)
                     for n in input_names]
-            result = OPS[call.op_type](call, *args)
-            results = result if isinstance(result, tuple) else (result,)
+            results = as_tuple(OPS[call.op_type](call, *args))
             env.update((name, self.produce(name, value, floats)) for name, value in zip(output_names, results))
         outputs = tuple(floats.get(name, env[name]) for name in self.unit.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -192,7 +196,5 @@ class NetworkMirror(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = dict(zip(self.input_names, inputs))
         for mirror in self.units:
-            result = mirror(*(env[name] for name in mirror.unit.inputs))
-            results = result if isinstance(result, tuple) else (result,)
-            env.update(zip(mirror.unit.outputs, results))
+            env.update(zip(mirror.unit.outputs, as_tuple(mirror(*(env[name] for name in mirror.unit.inputs)))))
         return tuple(env[name] for name in self.output_names)

@@ -15,7 +15,7 @@ three units. The stem and the head are never merged (the published schedules exc
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -121,8 +121,7 @@ def merge_units(model: onnx.ModelProto, units: list[Unit], schedule: Schedule) -
     merged = []
     for index, group in enumerate(schedule.groups):
         if len(group) == 1:
-            unit = units[group[0]]
-            merged.append(Unit(index, unit.name, unit.nodes, unit.inputs, unit.outputs, unit.layers))
+            merged.append(replace(units[group[0]], index=index))
             continue
         group_nodes = [nodes[name] for i in group for name in units[i].nodes]
         merged.append(make_unit(index, "+".join(units[i].name for i in group), group_nodes, model, constants))

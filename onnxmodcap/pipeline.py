@@ -22,6 +22,7 @@ from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import Interrupted, UserError
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
+from .ops import node_attributes
 from .modcap import MODES as MODCAP_MODES
 from .modcap import Schedule, choose_groups, data_capacities, data_free_capacities, default_pairs, merge_units, oscillation
 from .partition import Unit, partition
@@ -212,12 +213,11 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
             cache_budget=int(config.cache_mem * (1 << 30)), checkpointer=saving, resume=resume,
             prediction=prediction))
 
-    report: dict = {"reconstruction": run_reconstruction(mirror, checkpointer, config.resume,
-                                                          checkpointer.folder / "cache"),
-                    "reconstruction_settings": asdict(settings)}
+    report: dict = {"reconstruction_settings": asdict(settings)}
     if config.method == "pdquant":
         report["distribution_correction"] = distribution_correction(sim.prepared, settings)
         tqdm.write(f"note: distribution correction {report['distribution_correction']}", file=sys.stderr)
+    report["reconstruction"] = run_reconstruction(mirror, checkpointer, config.resume, checkpointer.folder / "cache")
     losses["after"] = unit_errors(sim.mirror, loss_images, device)
     losses["oscillation"] = oscillation(losses["after"])
     if schedule:
@@ -282,7 +282,7 @@ def has_depthwise_conv(model) -> bool:
     """A Conv with one input channel per group: the MobileNet family."""
     shapes = {t.name: t.dims for t in model.graph.initializer}
     return any(node.op_type == "Conv" and node.input[1] in shapes and shapes[node.input[1]][1] == 1
-               and any(a.name == "group" and a.i > 1 for a in node.attribute) for node in model.graph.node)
+               and node_attributes(node).get("group", 1) > 1 for node in model.graph.node)
 
 
 def check_options(config: QuantizeConfig) -> None:

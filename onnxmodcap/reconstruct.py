@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .checkpoint import Checkpointer
-from .mirror import NetworkMirror, UnitMirror
+from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .quantizers import QuantizerSet, drop_mix
 
 METHODS = ("brecq", "qdrop", "pdquant")
@@ -81,8 +81,9 @@ PRESETS = {
 
 def pd_defaults(depthwise: bool) -> dict:
     """PD-Quant's published temperature and lambda_c: MobileNet-like networks (depthwise
-    convolutions) use T = 1 and lambda_c = 0.005, ResNet/RegNet T = 4 and lambda_c = 0.02."""
-    return {"pd_temperature": 1.0, "dc_lambda": 0.005} if depthwise else {"pd_temperature": 4.0, "dc_lambda": 0.02}
+    convolutions) use T = 1 and lambda_c = 0.005; ResNet/RegNet keep the ReconstructionSettings
+    defaults, T = 4 and lambda_c = 0.02."""
+    return {"pd_temperature": 1.0, "dc_lambda": 0.005} if depthwise else {}
 
 
 @dataclass
@@ -260,10 +261,6 @@ def prediction_difference(logits: torch.Tensor, float_logits: torch.Tensor, temp
                     reduction="batchmean")
 
 
-def as_tuple(result) -> tuple:
-    return result if isinstance(result, tuple) else (result,)
-
-
 class CachedTensor:
     """A tensor of all calibration images, in memory or memory-mapped from a .npy file; indexing
     with a slice or an index tensor gives a torch tensor."""
@@ -350,15 +347,14 @@ def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.d
     with torch.no_grad():
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
-            chunks.append([r.cpu() for r in (result if isinstance(result, tuple) else (result,))])
+            chunks.append([r.cpu() for r in as_tuple(result)])
     return [list(parts) for parts in zip(*chunks)]
 
 
 def output_error(outputs, targets) -> torch.Tensor:
     """Squared error summed over channels, averaged over batch and positions, summed over outputs."""
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     total = 0.0
-    for output, target in zip(outputs, targets):
+    for output, target in zip(as_tuple(outputs), targets):
         squared = (output - target) ** 2
         total = total + (squared.sum(1).mean() if squared.dim() > 1 else squared.mean())
     return total
