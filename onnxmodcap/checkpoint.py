@@ -10,16 +10,16 @@ are written atomically; a checkpoint whose hash or run does not match is discard
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .files import write_atomically
 from .quantizers import QuantizerSet
 
 STATE, INDEX = "state.pt", "state.json"
@@ -40,25 +40,17 @@ class Checkpointer:
         self.note = note
 
     def save(self, completed: int, quantizers: QuantizerSet, results: list[dict], generator: torch.Generator) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = quantizer_state(quantizers)
         state["rng/generator"] = generator.get_state()
         state["rng/torch"] = torch.get_rng_state()
-        payload = self.write_atomically(STATE, lambda stream: torch.save(state, stream))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        write_atomically(self.folder / STATE, payload, private=True)
         index = {"fingerprint": self.fingerprint, "completed": completed, "results": results,
                  "sha256": hashlib.sha256(payload).hexdigest()}
-        self.write_atomically(INDEX, lambda stream: stream.write(json.dumps(index).encode()))
-
-    def write_atomically(self, name: str, write: Callable) -> bytes:
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                write(stream)
-            os.replace(temporary, self.folder / name)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return (self.folder / name).read_bytes()
+        write_atomically(self.folder / INDEX, json.dumps(index).encode(), private=True)
 
     def load(self, quantizers: QuantizerSet) -> Resumed | None:
         """The saved progress, with the quantizers restored; None when there is nothing usable."""

@@ -4,27 +4,43 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
 
 from . import __version__
 from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
-from .errors import UserError
+from .errors import UserError, first_line
+
+
+TRACEBACK_VARIABLE = "ONNXMODCAP_TRACEBACK"
 
 
 def user_errors(command):
-    """Turn a UserError into one `error:` line on stderr and its exit code, never a traceback."""
+    """Turn any failure into one `error:` line on stderr and a non-zero exit, never a traceback
+    (unless ONNXMODCAP_TRACEBACK=1 asks for one)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
+            fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written", 130)
+        except Exception as err:
+            if os.environ.get(TRACEBACK_VARIABLE) == "1":
+                raise
+            fail(f"internal error ({type(err).__name__}: {first_line(err)}); nothing was written. "
+                 f"Please report it; {TRACEBACK_VARIABLE}=1 shows the traceback", 1)
 
     return wrapper
+
+
+def fail(message: str, exit_code: int):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

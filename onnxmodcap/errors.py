@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a single error line."""
+"""The exceptions that reach the user as a single error line."""
 
 
 class UserError(Exception):
@@ -11,3 +11,15 @@ class Interrupted(UserError):
     """The user stopped a run (Ctrl-C); finished work is checkpointed."""
 
     exit_code = 130
+
+
+class RunFailed(UserError):
+    """A run broke part-way (a crash inside a unit, a full disk); finished work is checkpointed."""
+
+    exit_code = 1
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .datasets import ImageSet, Skipped, open_images, prepared_batches
-from .errors import UserError
+from .errors import UserError, first_line
 from .preprocess import Preprocessing, resolve_preprocessing
 from .runtime import PROVIDERS, create_session, session_provider
 
@@ -51,8 +51,7 @@ class Classifier:
         try:
             output = self.session.run(None, {self.input_name: chunk.astype(self.input_type)})[0]
         except Exception as err:  # onnxruntime raises its own exception types per failure kind
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{self.path}: ONNX Runtime failed on input {list(chunk.shape)}: {first_line}") from None
+            raise UserError(f"{self.path}: ONNX Runtime failed on input {list(chunk.shape)}: {first_line(err)}") from None
         return output.reshape(len(chunk), -1)[:count]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +19,8 @@ from tqdm import tqdm
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
 from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
-from .errors import Interrupted, UserError
+from .errors import Interrupted, RunFailed, UserError, first_line
+from .files import stage_model, write_atomically
 from .export import FORMATS, export_qdq
 from .mirror import NetworkMirror
 from .ops import node_attributes
@@ -121,24 +122,37 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     checkpointer = None
     if config.method != "rtn":
         checkpointer = Checkpointer(work_folder(output, config), run_fingerprint(
-            model_path.read_bytes(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
+            prepared.source_digest.encode(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
             note=lambda message: tqdm.write(message, file=sys.stderr))
+        try:
+            checkpointer.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the work folder {checkpointer.folder}: {err.strerror}") from None
+        resume_hint = f"finished units are checkpointed in {checkpointer.folder}: run the same command with --resume"
         try:
             reconstruction, mirror = reconstruct_all(sim, config, device, checkpointer)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; finished units are checkpointed in {checkpointer.folder}: "
-                              "run the same command with --resume to continue") from None
+            raise Interrupted(f"interrupted; {resume_hint} to continue") from None
+        except UserError as err:
+            raise RunFailed(f"{err}; {resume_hint} once that is fixed") from None
+        except Exception as err:
+            raise RunFailed(f"reconstruction failed ({type(err).__name__}: {first_line(err)}); {resume_hint} "
+                            "to continue") from err
 
     exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
         "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits,
         "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
     })
-    serialized = exported.SerializeToString()
-    validation = validate(serialized, str(model_path), mirror, data.parity, data.parity_held_out, device,
-                          config.provider)
-    require_parity(validation)
-    write_atomically(output, serialized)
+    staged = stage_model(exported, output, external_data=prepared.external_data)
+    try:
+        validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out, device,
+                              config.provider)
+        require_parity(validation)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
     if checkpointer:
         checkpointer.remove()
     report = {
@@ -328,8 +342,10 @@ def output_path(model_path: Path, config: QuantizeConfig) -> Path:
     folder = output.parent
     if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder is not writable: {folder}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # os.access says yes to root on a read-only mount
+    except OSError as err:
+        raise UserError(f"output folder is not writable: {folder} ({err.strerror})") from None
     return output
 
 
@@ -339,22 +355,3 @@ def graph_input_shape(model) -> tuple:
     if len(inputs) != 1:
         raise UserError(f"the model has {len(inputs)} graph inputs; quantization needs exactly one image input")
     return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

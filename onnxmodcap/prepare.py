@@ -8,6 +8,7 @@ The input file is only ever read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper, shape_inference
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 PROTOBUF_LIMIT = 2**31 - 1
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class PreparedModel:
 
     model: onnx.ModelProto
     source: Path
+    source_digest: str  # SHA-256 of the model file and its external-data files, in that order
+    external_data: bool  # the source keeps its weights in external-data files
     bn_stats: dict[str, BatchNormStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -53,6 +58,7 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
     model = load_model(source)
     notes: list[str] = []
     model = fold_constant_nodes(model)
+    check_weights_finite(model)
     model = remove_passthrough_nodes(model)
     model = infer_shapes(model)
     model, bn_stats = fold_batchnorms(model)
@@ -72,7 +78,9 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
         del bn_stats[name]
     if missing:
         notes.append(f"dropped BN statistics of {len(missing)} tensors that simplification removed")
-    return PreparedModel(model=model, source=source, bn_stats=bn_stats, notes=notes)
+    data_files = external_data_files(source)
+    return PreparedModel(model=model, source=source, source_digest=source_digest([source] + data_files),
+                         external_data=bool(data_files), bn_stats=bn_stats, notes=notes)
 
 
 def load_model(path: Path) -> onnx.ModelProto:
@@ -99,6 +107,23 @@ def load_model(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as err:
         raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from err
     return model
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The external-data files the model file names (already checked to lie in its folder)."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    locations = {e.value for t in all_tensors(model) for e in t.external_data if e.key == "location"}
+    return [path.parent / location for location in sorted(locations)]
+
+
+def source_digest(files: list[Path]) -> str:
+    """What a checkpoint must match: the model file and its external-data files."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def all_tensors(model: onnx.ModelProto):
@@ -139,16 +164,22 @@ def check_external_data_paths(model: onnx.ModelProto, model_dir: Path) -> None:
             raise UserError(f"external data file of tensor {tensor.name!r} not found: {location}")
 
 
+def check_weights_finite(model: onnx.ModelProto) -> None:
+    """NaN or Inf in a weight has no quantization grid: refuse it before calibration meets it."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in FLOAT_TYPES:
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(tensor))))
+        if bad:
+            raise UserError(f"initializer {tensor.name!r} holds {bad} NaN or infinite values: "
+                            "quantization needs finite weights")
+
+
 def check_ops_known(model: onnx.ModelProto, path: Path) -> None:
     """Custom-domain ops cannot be checked, simplified or mirrored: name them all at once."""
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     if custom:
         raise UserError(f"custom-domain ops are not supported in {path}: {', '.join(custom)}")
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -20,6 +20,7 @@ unit's output on X_c becomes the target.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -110,32 +111,32 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     torch.manual_seed(seed)
     resumed = checkpointer.load(quantizers) if checkpointer and resume else None
     results = [UnitResult(**r) for r in resumed.results] if resumed else []
-    cache = TensorCache(cache_budget, cache_folder)
-    float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
-    quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
-    logits = None
-    if settings.method == "pdquant":
-        logits = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
-                                            device)[0])
-    with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
-        for index, unit in enumerate(mirror.units):
-            float_inputs = float_stream.inputs_of(unit)
-            float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
-            if index >= len(results):
-                if resumed and index == resumed.completed:
-                    generator.set_state(resumed.generator_state)
-                    torch.set_rng_state(resumed.torch_state)
-                data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
-                if logits is not None:
-                    data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
-                results.append(reconstruct_unit(unit, data, settings, device, generator))
-                for cached in data.temporary:
-                    cache.release(cached)
-                if checkpointer:
-                    checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
-                overall.update(1)
-                overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
-            quantized_stream.advance(index, unit, quantized=True, device=device)
+    with TensorCache(cache_budget, cache_folder) as cache:
+        float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
+        quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
+        logits = None
+        if settings.method == "pdquant":
+            logits = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
+                                                device)[0])
+        with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
+            for index, unit in enumerate(mirror.units):
+                float_inputs = float_stream.inputs_of(unit)
+                float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
+                if index >= len(results):
+                    if resumed and index == resumed.completed:
+                        generator.set_state(resumed.generator_state)
+                        torch.set_rng_state(resumed.torch_state)
+                    data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
+                    if logits is not None:
+                        data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
+                    results.append(reconstruct_unit(unit, data, settings, device, generator))
+                    for cached in data.temporary:
+                        cache.release(cached)
+                    if checkpointer:
+                        checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
+                    overall.update(1)
+                    overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
+                quantized_stream.advance(index, unit, quantized=True, device=device)
     return results
 
 
@@ -289,12 +290,20 @@ class TensorCache:
         self.used = 0
         self.files = 0
 
+    def __enter__(self) -> TensorCache:
+        shutil.rmtree(self.folder, ignore_errors=True)  # left behind by a killed run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Remove every spilled file, also after an interrupted or failed run."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def store(self, chunks: list[torch.Tensor]) -> CachedTensor:
         size = sum(chunk.numel() * chunk.element_size() for chunk in chunks)
         if self.used + size <= self.budget:
             self.used += size
             return CachedTensor(torch.cat(chunks))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.folder / f"{self.files}.npy"
         self.files += 1
         shape = (sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:])

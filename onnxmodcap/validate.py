@@ -58,7 +58,7 @@ class Validation:
                 f"KL {self.float_kl:.4f}, cosine {self.float_cosine:.4f}")
 
 
-def validate(exported: bytes, float_model: str, mirror: NetworkMirror, inputs: np.ndarray, held_out: bool,
+def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.ndarray, held_out: bool,
              device: torch.device, provider: str = "auto") -> Validation:
     quantized = create_session(exported, provider)
     reference = create_session(float_model, provider)

@@ -1,0 +1,105 @@
+"""Writing files so that a reader never sees half of one: write beside the target, then rename.
+
+A failed write (full disk, read-only folder) becomes one error line naming the file, and leaves
+neither the target nor a temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .errors import UserError
+
+# A ModelProto serializes to at most 2 GiB; above this, weights go to one external-data file.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - (16 << 20)  # keep a margin for the graph itself
+EXTERNAL_TENSOR_BYTES = 1024  # tensors at least this large go to the external-data file
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path, content: bytes, private: bool = False) -> None:
+    """Write `content` to `path` through a temporary file in the same folder and a rename.
+    `private` keeps mkstemp's 0600 mode; otherwise the file gets the usual mode for the umask."""
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content)
+        if not private:
+            os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, path)
+    except OSError as err:
+        Path(temporary).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class StagedModel:
+    """A model saved in a private temporary folder beside its final path, ready to be checked and
+    then moved into place (with its external-data file, if it has one)."""
+
+    path: Path
+    output: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def files(self) -> list[Path]:
+        """The model last, so that it never appears before its external data."""
+        data = sorted(p for p in self.folder.iterdir() if p != self.path)
+        return data + [self.path]
+
+    def commit(self) -> list[Path]:
+        written = []
+        try:
+            for staged in self.files():
+                os.replace(staged, self.output.parent / staged.name)
+                written.append(self.output.parent / staged.name)
+        except OSError as err:
+            raise UserError(f"cannot write {self.output}: {err.strerror or err}") from None
+        finally:
+            self.discard()
+        return written
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = False) -> StagedModel:
+    """Save `model` under the name of `output` in a new temporary folder beside it. With
+    `external_data`, or when the model is too large for one protobuf, its weights go to
+    `<output name>.data`."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    except OSError as err:
+        raise UserError(f"cannot write {output}: {err.strerror or err}") from None
+    staged = StagedModel(folder / output.name, output)
+    try:
+        if external_data or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(model, str(staged.path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{output.name}.data", size_threshold=EXTERNAL_TENSOR_BYTES)
+        else:
+            staged.path.write_bytes(model.SerializeToString())
+    except OSError as err:
+        staged.discard()
+        raise UserError(f"cannot write {output}: {err.strerror or err}") from None
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
