@@ -1,19 +1,25 @@
-"""Reconstruction (BRECQ, QDrop): loss goes down, export parity holds, runs are deterministic, and an
-interrupted run resumes to the identical file."""
+"""Reconstruction (BRECQ, QDrop): loss goes down, export parity holds, runs are deterministic, and a
+run that is interrupted, killed, runs out of disk or crashes inside a unit resumes to the identical file."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import onnxmodcap
+from onnxmodcap import reconstruct
+from onnxmodcap.cli import main
+from onnxmodcap.reconstruct import reconstruct_unit
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -118,4 +124,66 @@ def test_corrupted_checkpoint_is_discarded(resnet, calib, tmp_path, uninterrupte
     resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"checkpoint in {work} is corrupted (hash mismatch): discarded" in resumed.stderr
+    assert output.read_bytes() == uninterrupted
+
+
+def file_size_limit(limit):
+    """A full disk, as the OS reports it: writes past `limit` bytes fail with EFBIG."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+    return apply
+
+
+def test_full_disk_during_checkpoints_then_resume_finishes(resnet, calib, tmp_path, uninterrupted):
+    output, work = tmp_path / "q.onnx", tmp_path / "work"
+    before = resnet.read_bytes()
+    full = subprocess.run(quantize_command(resnet, calib, output, work), capture_output=True, text=True,
+                          preexec_fn=file_size_limit(400_000))
+    assert full.returncode == 1
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {work / 'state.pt'}: File too large; finished units are checkpointed in {work}: "
+        "run the same command with --resume once that is fixed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert sorted(p.name for p in work.iterdir()) == ["state.json", "state.pt"]
+    assert resnet.read_bytes() == before
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after unit " in resumed.stderr
+    assert output.read_bytes() == uninterrupted
+
+
+def test_full_disk_while_writing_the_model_leaves_nothing(resnet, calib, tmp_path):
+    output = tmp_path / "q.onnx"
+    command = [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(resnet), "--calib", str(calib),
+               "--method", "rtn", "--num-calib", "96", "-o", str(output)]
+    full = subprocess.run(command, capture_output=True, text=True, preexec_fn=file_size_limit(100_000))
+    assert full.returncode == 2
+    assert full.stderr.strip().splitlines()[-1] == f"error: cannot write {output}: File too large"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, uninterrupted, monkeypatch):
+    output, work = tmp_path / "q.onnx", tmp_path / "work"
+    calls = []
+
+    def crash_in_third_unit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return reconstruct_unit(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "reconstruct_unit", crash_in_third_unit)
+    crashed = CliRunner().invoke(main, quantize_command(resnet, calib, output, work)[3:])
+    assert crashed.exit_code == 1
+    assert crashed.output.strip().splitlines()[-1] == (
+        f"error: reconstruction failed (RuntimeError: simulated crash); finished units are checkpointed in {work}: "
+        "run the same command with --resume to continue")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert json.loads((work / "state.json").read_text())["completed"] == 2
+    assert stat.S_IMODE(work.stat().st_mode) == 0o700
+    assert stat.S_IMODE((work / "state.pt").stat().st_mode) == 0o600
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after unit 2 " in resumed.stderr
     assert output.read_bytes() == uninterrupted
