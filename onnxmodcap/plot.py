@@ -3,12 +3,15 @@ after reconstruction without ModCap when that was compared, and the merged group
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .files import write_atomically  # noqa: E402
 
 
 def plot_unit_losses(losses: dict, path: Path, title: str) -> None:
@@ -32,5 +35,7 @@ def plot_unit_losses(losses: dict, path: Path, title: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
+    write_atomically(path, image.getvalue())
     plt.close(figure)

@@ -106,6 +106,8 @@ def load_model(path: Path) -> onnx.ModelProto:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from err
+    except UnicodeDecodeError as err:  # the checker's message quotes a name that is not UTF-8
+        raise UserError(f"invalid ONNX model {path}: a name or string is not valid UTF-8") from err
     return model
 
 
