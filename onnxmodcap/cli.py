@@ -28,12 +28,12 @@ def user_errors(command):
         except UserError as err:
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written", 130)
+            fail("interrupted", 130)
         except Exception as err:
             if os.environ.get(TRACEBACK_VARIABLE) == "1":
                 raise
-            fail(f"internal error ({type(err).__name__}: {first_line(err)}); nothing was written. "
-                 f"Please report it; {TRACEBACK_VARIABLE}=1 shows the traceback", 1)
+            fail(f"internal error ({type(err).__name__}: {first_line(err)}). Please report it; "
+                 f"{TRACEBACK_VARIABLE}=1 shows the traceback", 1)
 
     return wrapper
 

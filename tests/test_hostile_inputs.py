@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import onnxmodcap
-from onnxmodcap import files, prepare
+from onnxmodcap import files, pipeline, prepare
 from onnxmodcap.cli import main
 
 CALIB = 48
@@ -245,3 +245,18 @@ def test_a_model_over_2_gb_round_trips(tmp_path):
     result = onnxmodcap.quantize(model, calib, method="rtn", bits=8, init="minmax", num_calib=32, output=str(output))
     assert result.validation.parity_ok
     assert (tmp_path / "big.w8a8.onnx.data").stat().st_size >= features * classes  # int8 weights
+
+
+def test_a_bug_is_one_error_line_unless_the_traceback_is_asked_for(tmp_path, tensors, monkeypatch):
+    def broken_writer(*args, **kwargs):
+        raise ValueError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(pipeline, "export_qdq", broken_writer)
+    model, output = tiny_classifier(tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    result = quantize_cli(model, tensors, output)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "error: internal error (ValueError: simulated bug). Please report it; ONNXMODCAP_TRACEBACK=1 shows the traceback")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.npy", "m.onnx"]
+    monkeypatch.setenv("ONNXMODCAP_TRACEBACK", "1")
+    assert isinstance(quantize_cli(model, tensors, output).exception, ValueError)
