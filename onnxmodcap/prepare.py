@@ -108,7 +108,19 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from err
     except UnicodeDecodeError as err:  # the checker's message quotes a name that is not UTF-8
         raise UserError(f"invalid ONNX model {path}: a name or string is not valid UTF-8") from err
+    check_tensors_decode(model, path)
     return model
+
+
+def check_tensors_decode(model: onnx.ModelProto, path: Path) -> None:
+    """The checker accepts tensors with an unknown data type or a data size that does not match
+    their shape; later stages would fail on them with no hint of which tensor is broken."""
+    for tensor in all_tensors(model):
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as err:  # onnx raises KeyError, ValueError or TypeError depending on the defect
+            raise UserError(f"invalid ONNX model {path}: tensor {tensor.name!r} cannot be decoded "
+                            f"({type(err).__name__}: {first_line(err)})") from None
 
 
 def external_data_files(path: Path) -> list[Path]:
@@ -312,6 +324,9 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         if not is_foldable(bn, conv, inits, users, graph_outputs):
             continue
         bn_stats = read_bn_stats(bn, inits)
+        if np.any(bn_stats.var + bn_stats.epsilon <= 0):
+            raise UserError(f"BatchNormalization {bn.name or bn.output[0]!r} has a running variance below "
+                            f"-epsilon ({bn_stats.var.min():g}): its output is undefined")
         weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
         bias = (
             numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
@@ -383,6 +398,9 @@ def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    if len(node.attribute) != 1:
+        raise UserError(f"Constant node {node.name or node.output[0]!r} must have exactly one value attribute, "
+                        f"it has {len(node.attribute)}")
     attr = node.attribute[0]
     value = onnx.helper.get_attribute_value(attr)
     if attr.name == "value":

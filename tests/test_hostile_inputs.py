@@ -260,3 +260,43 @@ def test_a_bug_is_one_error_line_unless_the_traceback_is_asked_for(tmp_path, ten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.npy", "m.onnx"]
     monkeypatch.setenv("ONNXMODCAP_TRACEBACK", "1")
     assert isinstance(quantize_cli(model, tensors, output).exception, ValueError)
+
+
+def test_negative_batchnorm_variance_is_refused(tmp_path, tensors):
+    """Found by the fuzzer: the folded weights would be NaN."""
+    rng = np.random.default_rng(0)
+    stats = {"gamma": np.ones(4), "beta": np.zeros(4), "mean": np.zeros(4), "var": np.array([1, -2, 1, 1])}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", *stats], ["y"], name="bn")]
+    graph = helper.make_graph(
+        nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+         *(numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items())])
+    model, output = tmp_path / "bn.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), model)
+    assert_refused(quantize_cli(model, tensors, output),
+                   "BatchNormalization 'bn' has a running variance below -epsilon (-2): its output is undefined",
+                   model, output)
+
+
+def test_constant_node_without_a_value_is_refused(tmp_path, tensors):
+    """Found by the fuzzer: the ONNX checker lets it through."""
+    model, output = tiny_classifier(tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    proto = onnx.load(model)
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], name="empty"))
+    onnx.save(proto, model)
+    assert_refused(quantize_cli(model, tensors, output),
+                   "Constant node 'empty' must have exactly one value attribute, it has 0", model, output)
+
+
+def test_tensor_of_an_unknown_data_type_is_refused(tmp_path, tensors):
+    """Found by the fuzzer: the ONNX checker lets it through in a Constant node."""
+    model, output = tiny_classifier(tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    proto = onnx.load(model)
+    value = numpy_helper.from_array(np.float32(0.5), "half")
+    value.data_type = 29
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], name="odd", value=value))
+    onnx.save(proto, model)
+    assert_refused(quantize_cli(model, tensors, output), f"invalid ONNX model {model}: tensor 'half' cannot be "
+                   "decoded (KeyError: 29)", model, output)
