@@ -51,10 +51,17 @@ def write_atomically(path: Path, content: bytes, private: bool = False) -> None:
 @dataclass
 class StagedModel:
     """A model saved in a private temporary folder beside its final path, ready to be checked and
-    then moved into place (with its external-data file, if it has one)."""
+    then moved into place (with its external-data file, if it has one). Leaving the `with` block
+    removes whatever was not committed."""
 
     path: Path
     output: Path
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
     @property
     def folder(self) -> Path:

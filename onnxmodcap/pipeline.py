@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +20,8 @@ from .calibrate import CalibrationData, build_quantizers, collect_activation_sta
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
 from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import Interrupted, RunFailed, UserError, first_line
-from .files import stage_model, write_atomically
 from .export import FORMATS, export_qdq
+from .files import stage_model, write_atomically
 from .mirror import NetworkMirror
 from .ops import node_attributes
 from .modcap import MODES as MODCAP_MODES
@@ -144,15 +144,11 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
         "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
     })
-    staged = stage_model(exported, output, external_data=prepared.external_data)
-    try:
+    with stage_model(exported, output, external_data=prepared.external_data) as staged:
         validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out, device,
                               config.provider)
         require_parity(validation)
-    except BaseException:
-        staged.discard()
-        raise
-    staged.commit()
+        staged.commit()
     if checkpointer:
         checkpointer.remove()
     report = {

@@ -94,13 +94,15 @@ def uninterrupted(exported_model, calib, tmp_path_factory):
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, uninterrupted, how):
     output, work, log = tmp_path / "q.onnx", tmp_path / "work", tmp_path / "stderr.txt"
+    before = resnet.read_bytes()
     with open(log, "w") as stream:  # a file, not a pipe: progress bars would fill a pipe nobody reads yet
         process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=stream, text=True)
         wait_for_checkpoint(work, 3, process)
         os.kill(process.pid, how)
         process.wait(timeout=120)
     stderr = log.read_text()
-    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt", "work"]
+    assert resnet.read_bytes() == before
     if how == signal.SIGINT:
         assert process.returncode == 130
         assert stderr.strip().splitlines()[-1] == (
