@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -116,8 +117,8 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
         logits = None
         if settings.method == "pdquant":
-            logits = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
-                                                device)[0])
+            [logits] = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
+                                                  device), len(inputs))
         with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
@@ -204,7 +205,7 @@ def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: 
                                                  device, cache)
     if corrected is None:
         return replace(data, rest=rest, correction=correction)
-    targets = [cache.store(chunks) for chunks in run_in_batches(float_unit, corrected, device)]
+    targets = cache.store(run_in_batches(float_unit, corrected, device), len(corrected[0]))
     return replace(data, float_inputs=corrected, targets=targets, rest=rest, correction=correction,
                    correction_seconds=round(time.monotonic() - started, 2), temporary=[*corrected, *targets])
 
@@ -220,26 +221,29 @@ def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor
     if not watched:
         return None, "skipped: no BatchNormalization statistics inside the unit"
     seen: dict[str, torch.Tensor] = {}
-    float_unit.observer = lambda name, value: seen.__setitem__(name, value) if name in watched else None
-    chunks = []
-    try:
-        for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
-            original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
-            corrected = original.clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr)
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
-            for _ in range(settings.dc_iters):
-                seen.clear()
-                float_unit(corrected)
-                loss = statistics_error(seen, watched) + output_error(corrected, [original]) / settings.dc_lambda
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                plateau.step(loss.item())
-            chunks.append(corrected.detach().cpu())
-    finally:
-        float_unit.observer = None
-    return [cache.store(chunks)], f"applied ({len(watched)} BatchNormalization statistics)"
+
+    def corrected_batches():
+        float_unit.observer = lambda name, value: seen.__setitem__(name, value) if name in watched else None
+        try:
+            for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
+                original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
+                corrected = original.clone().requires_grad_(True)
+                optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr)
+                plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
+                for _ in range(settings.dc_iters):
+                    seen.clear()
+                    float_unit(corrected)
+                    loss = statistics_error(seen, watched) + output_error(corrected, [original]) / settings.dc_lambda
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    plateau.step(loss.item())
+                yield (corrected.detach().cpu(),)
+        finally:
+            float_unit.observer = None
+
+    corrected = cache.store(corrected_batches(), len(float_inputs[0]))
+    return corrected, f"applied ({len(watched)} BatchNormalization statistics)"
 
 
 def statistics_error(values: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
@@ -298,23 +302,32 @@ class TensorCache:
         """Remove every spilled file, also after an interrupted or failed run."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def store(self, chunks: list[torch.Tensor]) -> CachedTensor:
-        size = sum(chunk.numel() * chunk.element_size() for chunk in chunks)
+    def store(self, batches: Iterable[Sequence[torch.Tensor]], count: int) -> list[CachedTensor]:
+        """Gather consecutive row batches of one or more float tensors of `count` rows each. Every
+        batch is written into place as it arrives, so no tensor is ever held twice."""
+        stored: list[CachedTensor] = []
+        start = 0
+        for batch in batches:
+            if not stored:
+                stored = [self.allocate((count, *tensor.shape[1:])) for tensor in batch]
+            for cached, tensor in zip(stored, batch):
+                cached.data[start:start + len(tensor)] = tensor if cached.path is None else tensor.numpy()
+            start += len(batch[0])
+        for cached in stored:
+            if cached.path is not None:
+                cached.data.flush()
+                cached.data = np.load(cached.path, mmap_mode="r")
+        return stored
+
+    def allocate(self, shape: tuple[int, ...]) -> CachedTensor:
+        size = math.prod(shape) * 4  # float32
         if self.used + size <= self.budget:
             self.used += size
-            return CachedTensor(torch.cat(chunks))
+            return CachedTensor(torch.empty(shape))
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.folder / f"{self.files}.npy"
         self.files += 1
-        shape = (sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:])
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-        start = 0
-        for chunk in chunks:
-            array[start:start + len(chunk)] = chunk.numpy()
-            start += len(chunk)
-        array.flush()
-        del array
-        return CachedTensor(np.load(path, mmap_mode="r"), path)
+        return CachedTensor(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape), path)
 
     def release(self, cached: CachedTensor) -> None:
         if cached.path is None:
@@ -331,7 +344,7 @@ class TensorStream:
     def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, torch.Tensor]):
         self.mirror = mirror
         self.cache = cache
-        self.tensors = {name: cache.store([value]) for name, value in graph_inputs.items()}
+        self.tensors = {name: cache.store([(value,)], len(value))[0] for name, value in graph_inputs.items()}
         self.retired: list[CachedTensor] = []  # no longer needed, but the caller may read them until the next step
 
     def inputs_of(self, unit: UnitMirror) -> list[CachedTensor]:
@@ -341,7 +354,8 @@ class TensorStream:
         for cached in self.retired:
             self.cache.release(cached)
         unit.set_quantization(quantized)
-        outputs = [self.cache.store(chunks) for chunks in run_in_batches(unit, self.inputs_of(unit), device)]
+        inputs = self.inputs_of(unit)
+        outputs = self.cache.store(run_in_batches(unit, inputs, device), len(inputs[0]))
         unit.set_quantization(True)
         self.tensors.update(zip(unit.unit.outputs, outputs))
         later = {name for mirror in self.mirror.units[index + 1:] for name in mirror.unit.inputs}
@@ -350,14 +364,12 @@ class TensorStream:
 
 
 def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.device,
-                   batch_size: int = 64) -> list[list[torch.Tensor]]:
-    """The unit's outputs over all images, as one list of batch chunks per output."""
-    chunks = []
+                   batch_size: int = 64) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The unit's outputs over all images, one batch at a time."""
     with torch.no_grad():
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
-            chunks.append([r.cpu() for r in as_tuple(result)])
-    return [list(parts) for parts in zip(*chunks)]
+            yield tuple(r.cpu() for r in as_tuple(result))
 
 
 def output_error(outputs, targets) -> torch.Tensor:
@@ -369,22 +381,26 @@ def output_error(outputs, targets) -> torch.Tensor:
     return total
 
 
-def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device) -> list[float]:
-    """Every unit's output error on one batch: the float unit on the float input against the
-    quantized unit on the quantized input (the loss reconstruction lowers, seen whole-network)."""
-    float_env = {mirror.input_names[0]: torch.from_numpy(inputs).to(device)}
-    quantized_env = dict(float_env)
-    errors = []
+def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,
+                batch_size: int = 32) -> list[float]:
+    """Every unit's output error over `inputs`: the float unit on the float input against the
+    quantized unit on the quantized input (the loss reconstruction lowers, seen whole-network).
+    Batched, so that a large model's intermediate tensors are held for one batch only."""
+    totals = [0.0] * len(mirror.units)
     with torch.no_grad():
-        for unit in mirror.units:
-            unit.set_quantization(False)
-            float_outputs = as_tuple(unit(*(float_env[name] for name in unit.unit.inputs)))
-            unit.set_quantization(True)
-            quantized_outputs = as_tuple(unit(*(quantized_env[name] for name in unit.unit.inputs)))
-            float_env.update(zip(unit.unit.outputs, float_outputs))
-            quantized_env.update(zip(unit.unit.outputs, quantized_outputs))
-            errors.append(float(output_error(quantized_outputs, float_outputs)))
-    return errors
+        for start in range(0, len(inputs), batch_size):
+            batch = torch.from_numpy(inputs[start:start + batch_size]).to(device)
+            float_env = {mirror.input_names[0]: batch}
+            quantized_env = dict(float_env)
+            for index, unit in enumerate(mirror.units):
+                unit.set_quantization(False)
+                float_outputs = as_tuple(unit(*(float_env[name] for name in unit.unit.inputs)))
+                unit.set_quantization(True)
+                quantized_outputs = as_tuple(unit(*(quantized_env[name] for name in unit.unit.inputs)))
+                float_env.update(zip(unit.unit.outputs, float_outputs))
+                quantized_env.update(zip(unit.unit.outputs, quantized_outputs))
+                totals[index] += float(output_error(quantized_outputs, float_outputs)) * len(batch)
+    return [total / len(inputs) for total in totals]
 
 
 def measure_loss(unit: UnitMirror, inputs, targets, device) -> float:

@@ -9,6 +9,13 @@ int8 kernel it requantizes the integer sum with its own multiplier, which flips 
 (measured: up to 11 % of images at W8A8 on the shipped RegNetX). A wrong export (a different grid,
 scale, rounding or bias) changes every image, so parity requires most images to agree within
 PARITY_TOLERANCE and the predictions to agree.
+
+Deep networks at full resolution hold millions of activations per image, so nearly every image has
+a flip somewhere, and flips spread through the later layers (measured on a 224x224 ResNet-50 at
+W4A4: no image within 1e-4). For them the gap between ONNX Runtime and the simulation is compared
+with ONNX Runtime's own numerical noise: how far its outputs move when the input moves by a
+relative 1e-5, which only pushes values across rounding boundaries. A gap within twice that noise
+is the same kind of difference; a wrong export is far above it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from .runtime import create_session, session_provider
 PARITY_TOLERANCE = 1e-4  # max |ORT - simulation| relative to the simulation's output range
 MIN_EXACT_IMAGES = 0.75  # share of parity images that must agree within PARITY_TOLERANCE
 MIN_ARGMAX_AGREEMENT = 0.95
+NOISE_PERTURBATION = 1e-5  # relative input perturbation that measures ONNX Runtime's own rounding noise
+MAX_NOISE_RATIO = 2.0  # ||ORT - simulation|| may be at most this multiple of that noise
 BATCH = 32
 
 
@@ -37,6 +46,7 @@ class Validation:
     max_abs_diff: float
     max_abs_diff_relative: float
     exact_images: float  # share of images whose outputs agree within PARITY_TOLERANCE
+    noise_ratio: float  # ||ORT - simulation|| / ||ORT(perturbed input) - ORT||
     argmax_agreement: float
     float_top1_agreement: float
     float_kl: float
@@ -44,7 +54,8 @@ class Validation:
 
     @property
     def parity_ok(self) -> bool:
-        return self.exact_images >= MIN_EXACT_IMAGES and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT
+        within_noise = self.exact_images >= MIN_EXACT_IMAGES or self.noise_ratio <= MAX_NOISE_RATIO
+        return within_noise and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT
 
     def to_dict(self) -> dict:
         return {**asdict(self), "parity_ok": self.parity_ok, "parity_tolerance": PARITY_TOLERANCE}
@@ -53,7 +64,7 @@ class Validation:
         held = "held-out" if self.held_out else "calibration (no held-out images left)"
         return (f"parity on {self.images} {held} images ({self.provider}): {self.exact_images:.1%} of images "
                 f"within {PARITY_TOLERANCE:g} of the output range, max diff {self.max_abs_diff_relative:.2e}, "
-                f"argmax agreement {self.argmax_agreement:.1%}\n"
+                f"argmax agreement {self.argmax_agreement:.1%}, {self.noise_ratio:.3g}x ONNX Runtime's rounding noise\n"
                 f"fidelity to the float model: top-1 agreement {self.float_top1_agreement:.1%}, "
                 f"KL {self.float_kl:.4f}, cosine {self.float_cosine:.4f}")
 
@@ -63,14 +74,18 @@ def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.
     quantized = create_session(exported, provider)
     reference = create_session(float_model, provider)
     name = quantized.get_inputs()[0].name
-    ort_out, sim_out, float_out = [], [], []
+    ort_out, perturbed_out, sim_out, float_out = [], [], [], []
+    noise = np.random.default_rng(0).standard_normal(inputs.shape).astype(np.float32) * NOISE_PERTURBATION
     with torch.no_grad():
         for start in range(0, len(inputs), BATCH):
             batch = inputs[start:start + BATCH]
             ort_out.append(quantized.run(None, {name: batch})[0])
+            perturbed_out.append(quantized.run(None, {name: batch * (1 + noise[start:start + BATCH])})[0])
             float_out.append(reference.run(None, {reference.get_inputs()[0].name: batch})[0])
             sim_out.append(mirror(torch.from_numpy(batch).to(device))[0].float().cpu().numpy())
-    ort_logits, sim_logits, float_logits = (np.concatenate(x) for x in (ort_out, sim_out, float_out))
+    ort_logits, perturbed_logits, sim_logits, float_logits = (
+        np.concatenate(x) for x in (ort_out, perturbed_out, sim_out, float_out))
+    gap, noise_level = np.linalg.norm(ort_logits - sim_logits), np.linalg.norm(perturbed_logits - ort_logits)
     output_range = float(sim_logits.max() - sim_logits.min()) or 1.0
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     per_image = np.abs(flat(ort_logits) - flat(sim_logits)).max(axis=1)
@@ -78,6 +93,7 @@ def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.
         images=len(inputs), held_out=held_out, provider=session_provider(quantized),
         max_abs_diff=float(per_image.max()), max_abs_diff_relative=float(per_image.max()) / output_range,
         exact_images=float((per_image <= PARITY_TOLERANCE * output_range).mean()),
+        noise_ratio=float(gap / noise_level) if noise_level > 0 else (0.0 if gap == 0 else float("inf")),
         argmax_agreement=agreement(ort_logits, sim_logits),
         float_top1_agreement=agreement(ort_logits, float_logits),
         float_kl=float(kl_divergence(flat(float_logits), flat(ort_logits)).mean()),
@@ -93,5 +109,7 @@ def require_parity(validation: Validation) -> None:
     if not validation.parity_ok:
         raise UserError(
             f"parity check failed: only {validation.exact_images:.1%} of {validation.images} images agree with the "
-            f"simulation within {PARITY_TOLERANCE:g} of the output range (max diff {validation.max_abs_diff_relative:.2e}), "
+            f"simulation within {PARITY_TOLERANCE:g} of the output range (max diff {validation.max_abs_diff_relative:.2e}) "
+            f"and the difference is {validation.noise_ratio:.3g}x ONNX Runtime's own rounding noise (at most "
+            f"{MAX_NOISE_RATIO:g}x allowed), "
             f"argmax agreement {validation.argmax_agreement:.1%}; nothing was written")

@@ -13,9 +13,11 @@ from PIL import Image
 from zoo import ZOO
 
 import onnxmodcap
+from onnxmodcap import pipeline
 from onnxmodcap.check import check_tensorrt
 from onnxmodcap.cli import main
 from onnxmodcap.errors import UserError
+from onnxmodcap.export import export_qdq
 from onnxmodcap.validate import MIN_EXACT_IMAGES
 
 CALIB, PARITY = 96, 64
@@ -223,3 +225,22 @@ def test_cli_quantize_and_tensorrt_check(resnet, calib_tensors, tmp_path):
     violations = run_cli("check", ort_model)
     assert violations.exit_code == 2
     assert "zero point type UINT8, TensorRT needs INT8" in violations.output
+
+
+@pytest.mark.parametrize("error", [1.02, 0.9])
+def test_a_wrong_export_fails_validation_and_writes_nothing(resnet, calib_tensors, tmp_path, monkeypatch, error):
+    """One activation scale off by 2 % (or 10 %): every image moves far beyond rounding noise."""
+    def wrong_export(*args, **kwargs):
+        model = export_qdq(*args, **kwargs)
+        scale = next(t for t in model.graph.initializer if t.name.endswith("_scale") and not t.dims)
+        scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * np.float32(error), scale.name))
+        return model
+
+    monkeypatch.setattr(pipeline, "export_qdq", wrong_export)
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", resnet, "--calib", calib_tensors, "--method", "rtn", "--num-calib", CALIB, "--bits", 4,
+                     "-o", out)
+    assert result.exit_code == 2
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: parity check failed: only ") and message.endswith("; nothing was written")
+    assert list(tmp_path.iterdir()) == []
