@@ -225,19 +225,20 @@ def test_a_model_over_2_gb_round_trips(tmp_path):
     data. Needs much of the 24 GB machine's RAM and minutes: run with `pytest -m large`."""
     features, classes = 16 * 16 * 64, 33000
     rng = np.random.default_rng(0)
-    weights = {"w": rng.standard_normal((64, 3, 3, 3), dtype=np.float32),
-               "fc": rng.standard_normal((classes, features), dtype=np.float32) * 0.01}
+    (rng.standard_normal((classes, features), dtype=np.float32) * 0.01).tofile(tmp_path / "big.onnx.data")
+    fc_weight = TensorProto(name="fc", data_type=TensorProto.FLOAT, dims=[classes, features])
+    onnx.external_data_helper.set_external_data(fc_weight, "big.onnx.data", offset=0, length=classes * features * 4)
+    fc_weight.data_location = TensorProto.EXTERNAL
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1)]
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+                              [numpy_helper.from_array(rng.standard_normal((64, 3, 3, 3), dtype=np.float32), "w"),
+                               fc_weight])
     model = tmp_path / "big.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), model,
-                    save_as_external_data=True, location="big.onnx.data")
-    del graph, weights
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), model)
     assert (tmp_path / "big.onnx.data").stat().st_size > prepare.PROTOBUF_LIMIT
     calib = tmp_path / "inputs.npy"
     np.save(calib, rng.standard_normal((48, 3, 16, 16)).astype(np.float32))

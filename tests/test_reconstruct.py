@@ -14,12 +14,8 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import onnxmodcap
-from onnxmodcap import reconstruct
-from onnxmodcap.cli import main
-from onnxmodcap.reconstruct import reconstruct_unit
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -165,20 +161,27 @@ def test_full_disk_while_writing_the_model_leaves_nothing(resnet, calib, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, uninterrupted, monkeypatch):
+CRASH_IN_THIRD_UNIT = """
+import sys
+from onnxmodcap import reconstruct
+from onnxmodcap.cli import main
+original, calls = reconstruct.reconstruct_unit, []
+def crash(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("simulated crash")
+    return original(*args, **kwargs)
+reconstruct.reconstruct_unit = crash
+main(sys.argv[1:])
+"""
+
+
+def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, uninterrupted):
     output, work = tmp_path / "q.onnx", tmp_path / "work"
-    calls = []
-
-    def crash_in_third_unit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return reconstruct_unit(*args, **kwargs)
-
-    monkeypatch.setattr(reconstruct, "reconstruct_unit", crash_in_third_unit)
-    crashed = CliRunner().invoke(main, quantize_command(resnet, calib, output, work)[3:])
-    assert crashed.exit_code == 1
-    assert crashed.output.strip().splitlines()[-1] == (
+    command = quantize_command(resnet, calib, output, work)
+    crashed = subprocess.run([sys.executable, "-c", CRASH_IN_THIRD_UNIT, *command[3:]], capture_output=True, text=True)
+    assert crashed.returncode == 1, crashed.stderr
+    assert crashed.stderr.strip().splitlines()[-1] == (
         f"error: reconstruction failed (RuntimeError: simulated crash); finished units are checkpointed in {work}: "
         "run the same command with --resume to continue")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
