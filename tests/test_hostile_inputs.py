@@ -227,8 +227,9 @@ def test_a_model_over_2_gb_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     (rng.standard_normal((classes, features), dtype=np.float32) * 0.01).tofile(tmp_path / "big.onnx.data")
     fc_weight = TensorProto(name="fc", data_type=TensorProto.FLOAT, dims=[classes, features])
-    onnx.external_data_helper.set_external_data(fc_weight, "big.onnx.data", offset=0, length=classes * features * 4)
     fc_weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(classes * features * 4))):
+        fc_weight.external_data.add(key=key, value=value)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
