@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from .errors import UserError
+from .prepare import too_large_for_protobuf
 
 # A ModelProto serializes to at most 2 GiB; above this, weights go to one external-data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - (16 << 20)  # keep a margin for the graph itself
@@ -98,7 +99,7 @@ def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = Fals
         raise UserError(f"cannot write {output}: {err.strerror or err}") from None
     staged = StagedModel(folder / output.name, output)
     try:
-        if external_data or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if external_data or too_large_for_protobuf(model, EXTERNAL_DATA_THRESHOLD):
             onnx.save_model(model, str(staged.path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{output.name}.data", size_threshold=EXTERNAL_TENSOR_BYTES)
         else:

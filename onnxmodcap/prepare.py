@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper, shape_inference
 
 from .errors import UserError, first_line
@@ -100,7 +100,7 @@ def load_model(path: Path) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
     check_ops_known(model, path)
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if too_large_for_protobuf(model):
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -138,6 +138,14 @@ def source_digest(files: list[Path]) -> str:
             while chunk := stream.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def too_large_for_protobuf(model: onnx.ModelProto, limit: int = PROTOBUF_LIMIT) -> bool:
+    """Whether the model cannot be serialized as one protobuf (ByteSize itself fails above 2 GB)."""
+    try:
+        return model.ByteSize() > limit
+    except EncodeError:
+        return True
 
 
 def all_tensors(model: onnx.ModelProto):
@@ -197,7 +205,7 @@ def check_ops_known(model: onnx.ModelProto, path: Path) -> None:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if too_large_for_protobuf(model):
         return model
     try:
         return shape_inference.infer_shapes(model, data_prop=True)
@@ -207,7 +215,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def simplify_or_keep(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     """onnxsim when it succeeds and verifies; otherwise the unsimplified graph, with a note."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if too_large_for_protobuf(model):
         notes.append("onnxsim skipped: model larger than 2 GB")
         return model
     import onnxsim
