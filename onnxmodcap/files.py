@@ -15,10 +15,7 @@ from pathlib import Path
 import onnx
 
 from .errors import UserError
-from .prepare import too_large_for_protobuf
 
-# A ModelProto serializes to at most 2 GiB; above this, weights go to one external-data file.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - (16 << 20)  # keep a margin for the graph itself
 EXTERNAL_TENSOR_BYTES = 1024  # tensors at least this large go to the external-data file
 
 
@@ -91,15 +88,14 @@ class StagedModel:
 
 def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = False) -> StagedModel:
     """Save `model` under the name of `output` in a new temporary folder beside it. With
-    `external_data`, or when the model is too large for one protobuf, its weights go to
-    `<output name>.data`."""
+    `external_data` (the source model had it), its weights go to `<output name>.data`."""
     try:
         folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     except OSError as err:
         raise UserError(f"cannot write {output}: {err.strerror or err}") from None
     staged = StagedModel(folder / output.name, output)
     try:
-        if external_data or too_large_for_protobuf(model, EXTERNAL_DATA_THRESHOLD):
+        if external_data:
             onnx.save_model(model, str(staged.path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{output.name}.data", size_threshold=EXTERNAL_TENSOR_BYTES)
         else:

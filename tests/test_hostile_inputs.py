@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import onnxmodcap
-from onnxmodcap import files, pipeline, prepare
+from onnxmodcap import pipeline, prepare
 from onnxmodcap.cli import main
 
 CALIB = 48
@@ -210,19 +210,11 @@ def test_a_model_with_external_data_is_written_with_external_data(tmp_path, tens
     assert session.run(None, {"x": np.load(tensors)[-8:]})[0].shape == (8, 5)
 
 
-def test_models_too_large_for_one_protobuf_are_written_with_external_data(tmp_path, tensors, monkeypatch):
-    """The path an output over 2 GB takes, on a small model: the limit is lowered. The real > 2 GB run
-    is test_a_model_over_2_gb_round_trips (pytest -m large)."""
-    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", 100)
-    model, output = tiny_classifier(tmp_path / "m.onnx", width=64), tmp_path / "q.onnx"
-    assert onnxmodcap.quantize(model, tensors, method="rtn", bits=4, num_calib=32, output=str(output)).validation.parity_ok
-    assert (tmp_path / "q.onnx.data").exists()
-
-
 @pytest.mark.large
-def test_a_model_over_2_gb_round_trips(tmp_path):
-    """A 2.2 GB Gemm stored with external data quantizes, validates and is written with external
-    data. Needs much of the 24 GB machine's RAM and minutes: run with `pytest -m large`."""
+def test_a_model_over_2_gb_is_refused_with_one_error_line(tmp_path):
+    """A 2.2 GB Gemm stored with external data. Quantizing it is not supported yet (every protobuf
+    copy of the graph fails above 2 GB), so the user gets one error line and nothing is written.
+    Needs a few GB of RAM and disk: run with `pytest -m large`."""
     features, classes = 16 * 16 * 64, 33000
     rng = np.random.default_rng(0)
     (rng.standard_normal((classes, features), dtype=np.float32) * 0.01).tofile(tmp_path / "big.onnx.data")
@@ -243,10 +235,9 @@ def test_a_model_over_2_gb_round_trips(tmp_path):
     assert (tmp_path / "big.onnx.data").stat().st_size > prepare.PROTOBUF_LIMIT
     calib = tmp_path / "inputs.npy"
     np.save(calib, rng.standard_normal((48, 3, 16, 16)).astype(np.float32))
-    output = tmp_path / "big.w8a8.onnx"
-    result = onnxmodcap.quantize(model, calib, method="rtn", bits=8, init="minmax", num_calib=32, output=str(output))
-    assert result.validation.parity_ok
-    assert (tmp_path / "big.w8a8.onnx.data").stat().st_size >= features * classes  # int8 weights
+    assert_refused(quantize_cli(model, calib, tmp_path / "big.w8a8.onnx"),
+                   f"models over 2 GB are not supported yet: {model} with its external data is 2.0 GiB",
+                   model, tmp_path / "big.w8a8.onnx")
 
 
 def test_a_bug_is_one_error_line_unless_the_traceback_is_asked_for(tmp_path, tensors, monkeypatch):
