@@ -60,11 +60,16 @@ class Validation:
     def to_dict(self) -> dict:
         return {**asdict(self), "parity_ok": self.parity_ok, "parity_tolerance": PARITY_TOLERANCE}
 
+    def noise_text(self) -> str:
+        if np.isinf(self.noise_ratio):  # a 1e-5 nudge of the input moved no output: no noise to compare with
+            return "no ONNX Runtime rounding noise at a 1e-5 input nudge"
+        return f"{self.noise_ratio:.3g}x ONNX Runtime's rounding noise"
+
     def summary(self) -> str:
         held = "held-out" if self.held_out else "calibration (no held-out images left)"
         return (f"parity on {self.images} {held} images ({self.provider}): {self.exact_images:.1%} of images "
                 f"within {PARITY_TOLERANCE:g} of the output range, max diff {self.max_abs_diff_relative:.2e}, "
-                f"argmax agreement {self.argmax_agreement:.1%}, {self.noise_ratio:.3g}x ONNX Runtime's rounding noise\n"
+                f"argmax agreement {self.argmax_agreement:.1%}, {self.noise_text()}\n"
                 f"fidelity to the float model: top-1 agreement {self.float_top1_agreement:.1%}, "
                 f"KL {self.float_kl:.4f}, cosine {self.float_cosine:.4f}")
 
