@@ -25,24 +25,27 @@ def current_umask() -> int:
     return mask
 
 
+def write_error(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {err.strerror or err}")
+
+
 def write_atomically(path: Path, content: bytes, private: bool = False) -> None:
     """Write `content` to `path` through a temporary file in the same folder and a rename.
     `private` keeps mkstemp's 0600 mode; otherwise the file gets the usual mode for the umask."""
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+        raise write_error(path, err) from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(content)
         if not private:
             os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
-    except OSError as err:
+    except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
         raise
 
 
@@ -70,17 +73,14 @@ class StagedModel:
         data = sorted(p for p in self.folder.iterdir() if p != self.path)
         return data + [self.path]
 
-    def commit(self) -> list[Path]:
-        written = []
+    def commit(self) -> None:
         try:
             for staged in self.files():
                 os.replace(staged, self.output.parent / staged.name)
-                written.append(self.output.parent / staged.name)
         except OSError as err:
-            raise UserError(f"cannot write {self.output}: {err.strerror or err}") from None
+            raise write_error(self.output, err) from None
         finally:
             self.discard()
-        return written
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -92,7 +92,7 @@ def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = Fals
     try:
         folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     except OSError as err:
-        raise UserError(f"cannot write {output}: {err.strerror or err}") from None
+        raise write_error(output, err) from None
     staged = StagedModel(folder / output.name, output)
     try:
         if external_data:
@@ -100,10 +100,9 @@ def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = Fals
                             location=f"{output.name}.data", size_threshold=EXTERNAL_TENSOR_BYTES)
         else:
             staged.path.write_bytes(model.SerializeToString())
-    except OSError as err:
+    except BaseException as err:
         staged.discard()
-        raise UserError(f"cannot write {output}: {err.strerror or err}") from None
-    except BaseException:
-        staged.discard()
+        if isinstance(err, OSError):
+            raise write_error(output, err) from None
         raise
     return staged

@@ -62,7 +62,7 @@ class Validation:
 
     def noise_text(self) -> str:
         if np.isinf(self.noise_ratio):  # a 1e-5 nudge of the input moved no output: no noise to compare with
-            return "no ONNX Runtime rounding noise at a 1e-5 input nudge"
+            return "not within ONNX Runtime's rounding noise (none at a 1e-5 input nudge)"
         return f"{self.noise_ratio:.3g}x ONNX Runtime's rounding noise"
 
     def summary(self) -> str:
@@ -115,6 +115,5 @@ def require_parity(validation: Validation) -> None:
         raise UserError(
             f"parity check failed: only {validation.exact_images:.1%} of {validation.images} images agree with the "
             f"simulation within {PARITY_TOLERANCE:g} of the output range (max diff {validation.max_abs_diff_relative:.2e}) "
-            f"and the difference is {validation.noise_ratio:.3g}x ONNX Runtime's own rounding noise (at most "
-            f"{MAX_NOISE_RATIO:g}x allowed), "
+            f"and the gap is {validation.noise_text()} (at most {MAX_NOISE_RATIO:g}x allowed), "
             f"argmax agreement {validation.argmax_agreement:.1%}; nothing was written")
