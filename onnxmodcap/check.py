@@ -7,13 +7,15 @@ weight of Conv/ConvTranspose/Gemm/MatMul comes from a DequantizeLinear; no nativ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from .prepare import load_model
+from .weights import Weights, tensor_value
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -28,13 +30,14 @@ class Violation:
 
 
 def check_tensorrt(path: str) -> list[Violation]:
-    model = load_model(Path(path))
+    loaded = load_model(Path(path))
+    model = loaded.model
     constants = {t.name: t for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
     violations = []
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            violations += check_qdq_node(node, constants, producer)
+            violations += check_qdq_node(node, constants, loaded.weights)
         if node.op_type in WEIGHTED:
             violations += check_weighted_node(node, constants, producer)
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
@@ -48,14 +51,14 @@ def zero_point_of(node, constants):
     return constants.get(node.input[2])
 
 
-def check_qdq_node(node, constants, producer) -> list[Violation]:
+def check_qdq_node(node, constants, weights: Weights) -> list[Violation]:
     found = []
     zero_point = zero_point_of(node, constants)
     if zero_point is not None:
         if zero_point.data_type != TensorProto.INT8:
             found.append(Violation(node.name, f"zero point type {TensorProto.DataType.Name(zero_point.data_type)}, "
                                               "TensorRT needs INT8"))
-        elif numpy_helper.to_array(zero_point).any():
+        elif tensor_value(zero_point, weights).any():
             found.append(Violation(node.name, "non-zero zero point (TensorRT is symmetric)"))
     elif node.op_type == "DequantizeLinear" and node.input[0] in constants and \
             constants[node.input[0]].data_type != TensorProto.INT8:
@@ -63,7 +66,7 @@ def check_qdq_node(node, constants, producer) -> list[Violation]:
                                           "TensorRT needs INT8"))
     scale = constants.get(node.input[1])
     is_weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
-    if scale is not None and not is_weight and numpy_helper.to_array(scale).size != 1:
+    if scale is not None and not is_weight and element_count(scale) != 1:
         found.append(Violation(node.name, "activation quantized per channel (TensorRT needs per tensor)"))
     return found
 
@@ -84,7 +87,11 @@ def check_weighted_node(node, constants, producer) -> list[Violation]:
                 expected = len(constants[source.input[0]].dims) - 1
             axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
             scale = constants.get(source.input[1])
-            if scale is not None and numpy_helper.to_array(scale).size > 1 and axis != expected:
+            if scale is not None and element_count(scale) > 1 and axis != expected:
                 found.append(Violation(source.name, f"weight quantized along axis {axis}, "
                                                     f"TensorRT needs axis {expected} for {node.op_type}"))
     return found
+
+
+def element_count(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims)

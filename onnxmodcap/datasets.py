@@ -13,6 +13,7 @@ Images that cannot be read or converted are skipped and recorded; callers warn a
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ from .preprocess import Preprocessing
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 # What Pillow raises for unreadable, truncated or unconvertible files.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Pillow warns, in several lines, about images from 89 megapixels and refuses them from 179 (a
+# DecompressionBombError, reported as a skipped file); in between is a large photo, used silently.
+# A process-wide filter, because images are read in threads and catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from . import __version__
 from .errors import UserError
 from .mirror import NetworkMirror
 from .partition import float_layers
+from .prepare import PreparedModel
 from .quantizers import Grid, Quantizer, QuantizerSet
+from .weights import Weights, detach_large, used_weights
 
 FORMATS = ("qdq", "native")
 QDQ_OPSET = 13
@@ -94,15 +96,15 @@ def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding
     return qdq_encoding(quantizer.grid, quantizer.zero_point)
 
 
-def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
-               target: str, metadata: dict) -> onnx.ModelProto:
-    """The quantized model. Biases hold values on the int32 grid of input scale x weight scale. They
+def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
+               target: str, metadata: dict) -> tuple[onnx.ModelProto, Weights]:
+    """The quantized model, its large initializers as stubs with their values in the Weights. Biases hold values on the int32 grid of input scale x weight scale. They
     stay float (TensorRT takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into
     an int8 kernel and recovers exactly the simulated integers), except Gemm biases of the ORT target,
     which are written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = onnx.ModelProto.FromString(prepared.model.SerializeToString())
     constants = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
     writer = GraphWriter(model)
     opset = QDQ_OPSET
@@ -123,6 +125,8 @@ def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: Quanti
             opset = max(opset, encoding.container.opset)
     writer.read_float_inputs(float_layers(model, quantizers.weights))
     writer.finish()
+    weights = dict(prepared.weights)
+    detach_large(model, weights)
     model = with_opset(model, opset)
     entries = {p.key: p.value for p in model.metadata_props}
     entries[METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt, "target": target,
@@ -130,7 +134,7 @@ def export_qdq(model: onnx.ModelProto, mirror: NetworkMirror, quantizers: Quanti
     del model.metadata_props[:]
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
-    return model
+    return model, used_weights(model, weights)
 
 
 def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -173,8 +177,7 @@ class GraphWriter:
         if not encoding.shifted:
             stored = stored + quantizer.broadcast(quantizer.zero_point, value)
         per_channel = quantizer.axis is not None
-        values = self.add_initializer(integer_tensor(f"{name}_quantized", stored.cpu().numpy().astype(np.int64),
-                                                     encoding.container))
+        values = self.add_initializer(integer_tensor(f"{name}_quantized", stored.cpu().numpy(), encoding.container))
         scale, zero = self.scale_and_zero_point(name, quantizer, encoding, per_channel)
         attrs = {"axis": quantizer.axis % value.dim()} if per_channel else {}
         self.leading.append(helper.make_node("DequantizeLinear", [values, scale, zero], [name],
@@ -261,4 +264,4 @@ class GraphWriter:
 def integer_tensor(name: str, values: np.ndarray, container: Container) -> onnx.TensorProto:
     if container.elem_type in NUMPY_TYPES:
         return numpy_helper.from_array(values.astype(NUMPY_TYPES[container.elem_type]), name)
-    return helper.make_tensor(name, container.elem_type, values.shape, values.reshape(-1).tolist())
+    return helper.make_tensor(name, container.elem_type, values.shape, values.reshape(-1).astype(np.int64).tolist())

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from .errors import UserError
+from .weights import Weights, fits_in_protobuf, is_stub, with_values
 
-EXTERNAL_TENSOR_BYTES = 1024  # tensors at least this large go to the external-data file
+ALIGN_BYTES = 1 << 20  # tensors this large start at a multiple of ALIGNMENT in the data file,
+ALIGNMENT = 1 << 16  # so that ONNX Runtime can map them instead of copying them
 
 
 def current_umask() -> int:
@@ -86,23 +89,42 @@ class StagedModel:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def stage_model(model: onnx.ModelProto, output: Path, external_data: bool = False) -> StagedModel:
-    """Save `model` under the name of `output` in a new temporary folder beside it. With
-    `external_data` (the source model had it), its weights go to `<output name>.data`."""
+def stage_model(model: onnx.ModelProto, weights: Weights, output: Path, external_data: bool = False) -> StagedModel:
+    """Save `model`, its stubs filled from `weights`, under the name of `output` in a new temporary
+    folder beside it. With `external_data` (the source model had it), or when the model is over
+    2 GB, the stubs' values go to `<output name>.data`."""
     try:
         folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     except OSError as err:
         raise write_error(output, err) from None
     staged = StagedModel(folder / output.name, output)
     try:
-        if external_data:
-            onnx.save_model(model, str(staged.path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{output.name}.data", size_threshold=EXTERNAL_TENSOR_BYTES)
+        if external_data or not fits_in_protobuf(model, weights):
+            save_with_external_data(model, weights, staged.path, f"{output.name}.data")
         else:
-            staged.path.write_bytes(model.SerializeToString())
+            staged.path.write_bytes(with_values(model, weights).SerializeToString())
     except BaseException as err:
         staged.discard()
         if isinstance(err, OSError):
             raise write_error(output, err) from None
         raise
     return staged
+
+
+def save_with_external_data(model: onnx.ModelProto, weights: Weights, path: Path, location: str) -> None:
+    """Write the stubs' values one by one into `location` beside `path`, then the graph that points
+    at them: no protobuf ever holds them all."""
+    saved = onnx.ModelProto()
+    saved.CopyFrom(model)
+    with open(path.parent / location, "wb") as stream:
+        for tensor in saved.graph.initializer:
+            if not is_stub(tensor):
+                continue
+            data = numpy_helper.from_array(weights[tensor.name]).raw_data
+            if len(data) >= ALIGN_BYTES:
+                stream.write(bytes(-stream.tell() % ALIGNMENT))
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", stream.tell()), ("length", len(data))):
+                tensor.external_data.add(key=key, value=str(value))
+            stream.write(data)
+    path.write_bytes(saved.SerializeToString())

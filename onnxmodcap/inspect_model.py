@@ -77,7 +77,7 @@ def data_free_schedule(prepared: PreparedModel, units: list[Unit], pairs: int | 
 
 def verify_mirror(prepared: PreparedModel, units: list[Unit], seed: int) -> tuple[float, str]:
     """Run ORT on the original file and the mirror on the prepared graph with the same inputs."""
-    mirror = NetworkMirror(prepared.model, units).eval()
+    mirror = NetworkMirror(prepared, units).eval()
     session = create_session(str(prepared.source))
     rng = np.random.default_rng(seed)
     feeds = {i.name: random_input(i, rng) for i in session.get_inputs()}

@@ -12,13 +12,14 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from .errors import UserError
 from .ops import OPS, Call, node_attributes
 from .partition import Unit, is_weighted, weight_input_index
+from .prepare import PreparedModel
 from .quantizers import QuantizerSet
+from .weights import tensor_value
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -65,8 +66,9 @@ class UnitMirror(nn.Module):
     returns float outputs: the next unit quantizes them as they enter.
     """
 
-    def __init__(self, unit: Unit, model: onnx.ModelProto):
+    def __init__(self, unit: Unit, prepared: PreparedModel):
         super().__init__()
+        model = prepared.model
         self.unit = unit
         opset = default_opset(model)
         by_name = {n.name: n for n in model.graph.node}
@@ -79,7 +81,7 @@ class UnitMirror(nn.Module):
         self.layer_weights = {n.name: n.input[weight_input_index(n, constants)]
                               for n in nodes if is_weighted(n, constants)}
         for name in dict.fromkeys(i for n in nodes for i in n.input if i in initializers):
-            self.add_constant(name, numpy_helper.to_array(initializers[name]), name in learnable)
+            self.add_constant(name, tensor_value(initializers[name], prepared.weights), name in learnable)
         self.calls = [
             (Call(n.name, n.op_type, node_attributes(n), opset, len(n.output)), list(n.input), list(n.output))
             for n in nodes
@@ -171,13 +173,14 @@ class UnitMirror(nn.Module):
 class NetworkMirror(nn.Module):
     """The whole prepared graph as a sequence of unit mirrors."""
 
-    def __init__(self, model: onnx.ModelProto, units: list[Unit]):
+    def __init__(self, prepared: PreparedModel, units: list[Unit]):
         super().__init__()
+        model = prepared.model
         check_supported(model)
         constants = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in constants]
         self.output_names = [o.name for o in model.graph.output]
-        self.units = nn.ModuleList(UnitMirror(unit, model) for unit in units)
+        self.units = nn.ModuleList(UnitMirror(unit, prepared) for unit in units)
 
     def attach(self, quantizers: QuantizerSet) -> None:
         for unit in self.units:

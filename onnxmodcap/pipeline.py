@@ -139,12 +139,12 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
             raise RunFailed(f"reconstruction failed ({type(err).__name__}: {first_line(err)}); {resume_hint} "
                             "to continue") from err
 
-    exported = export_qdq(prepared.model, mirror, quantizers, config.format, config.target, {
+    exported, weights = export_qdq(prepared, mirror, quantizers, config.format, config.target, {
         "method": config.method, "preset": config.preset, "iters": config.iters, "wbits": config.weight_bits,
         "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
     })
-    with stage_model(exported, output, external_data=prepared.external_data) as staged:
+    with stage_model(exported, weights, output, external_data=prepared.external_data) as staged:
         validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out, device,
                               config.provider)
         require_parity(validation)
@@ -190,7 +190,7 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
         keep_ends=config.keep_ends, exclude=config.exclude,
         overrides=read_overrides(config.overrides) if config.overrides else {},
     ))
-    mirror = NetworkMirror(prepared.model, units).eval().to(device)
+    mirror = NetworkMirror(prepared, units).eval().to(device)
     preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
     data = load_calibration(calib_path, preprocessing, graph_input_shape(prepared.model), config.num_calib)
     stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
@@ -212,7 +212,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     units = merge_units(sim.prepared.model, sim.units, schedule) if schedule else sim.units
     mirror = sim.mirror
     if schedule:
-        mirror = NetworkMirror(sim.prepared.model, units).eval().to(device)
+        mirror = NetworkMirror(sim.prepared, units).eval().to(device)
         mirror.attach(sim.quantizers)
     initial_state = quantizer_state(sim.quantizers)
 
@@ -265,7 +265,7 @@ def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.devic
 
 
 def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device) -> Prediction:
-    float_mirror = NetworkMirror(sim.prepared.model, [u.unit for u in mirror.units]).eval().to(device)
+    float_mirror = NetworkMirror(sim.prepared, [u.unit for u in mirror.units]).eval().to(device)
     return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats))
 
 

@@ -1,9 +1,9 @@
 """Stage 1, prepare: load an ONNX file safely and turn it into a clean float graph.
 
-Steps, in order: parse, check external-data paths, run the checker, turn Constant nodes into
-initializers and remove Identity/Dropout, infer shapes, record the statistics of every
-BatchNormalization that follows a Conv and fold it into that Conv, then simplify with onnxsim.
-The input file is only ever read.
+Steps, in order: parse, check external-data paths, run the checker, read the weights (large ones
+into a `Weights` dict, see weights.py), turn Constant nodes into initializers and remove
+Identity/Dropout, infer shapes, record the statistics of every BatchNormalization that follows a
+Conv and fold it into that Conv, then simplify with onnxsim. The input file is only ever read.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper, shape_inference
 
 from .errors import UserError, first_line
+from .weights import Weights, add_initializer, detach_large, fits_in_protobuf, tensor_value, used_weights, with_values
 
 STANDARD_DOMAINS = ("", "ai.onnx")
-PROTOBUF_LIMIT = 2**31 - 1
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16)
 
@@ -45,7 +46,8 @@ class PreparedModel:
     (that name is the former BatchNormalization output, so it survives simplification).
     """
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # large initializers are stubs: their values are in `weights`
+    weights: Weights
     source: Path
     source_digest: str  # SHA-256 of the model file and its external-data files, in that order
     external_data: bool  # the source keeps its weights in external-data files
@@ -53,21 +55,31 @@ class PreparedModel:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class LoadedModel:
+    """A checked model as read from disk."""
+
+    model: onnx.ModelProto  # large initializers are stubs: their values are in `weights`
+    weights: Weights
+    data_files: list[Path]  # the external-data files it names
+
+
 def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
     source = Path(path)
-    model = load_model(source)
+    loaded = load_model(source)
+    model, weights = loaded.model, loaded.weights
     notes: list[str] = []
-    model = fold_constant_nodes(model)
-    check_weights_finite(model)
+    model = fold_constant_nodes(model, weights)
+    check_weights_finite(model, weights)
     model = remove_passthrough_nodes(model)
     model = infer_shapes(model)
-    model, bn_stats = fold_batchnorms(model)
+    model, bn_stats = fold_batchnorms(model, weights)
     if bn_stats:
         notes.append(f"folded {len(bn_stats)} BatchNormalization nodes into their Conv (statistics kept)")
     else:
         notes.append("no BatchNormalization after a Conv in the graph: BN statistics unavailable")
     if simplify:
-        model = simplify_or_keep(model, notes)
+        model, weights = simplify_or_keep(model, weights, notes)
     model = infer_shapes(model)
     if localize_batch_reads(model):
         notes.append("moved batch-size reads of the graph input next to where they are used")
@@ -78,13 +90,14 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
         del bn_stats[name]
     if missing:
         notes.append(f"dropped BN statistics of {len(missing)} tensors that simplification removed")
-    data_files = external_data_files(source)
-    return PreparedModel(model=model, source=source, source_digest=source_digest([source] + data_files),
-                         external_data=bool(data_files), bn_stats=bn_stats, notes=notes)
+    return PreparedModel(model=model, weights=used_weights(model, weights), source=source,
+                         source_digest=source_digest([source] + loaded.data_files),
+                         external_data=bool(loaded.data_files), bn_stats=bn_stats, notes=notes)
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """Parse, validate external data locations, load external data and run the checker."""
+def load_model(path: Path) -> LoadedModel:
+    """Parse, validate external data locations, run the checker and read the weights. Nothing here
+    holds the whole model as one protobuf, so models over 2 GB load too."""
     if not path.exists():
         raise UserError(f"model file not found: {path}")
     if not path.is_file():
@@ -95,42 +108,34 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise UserError(f"not an ONNX model (cannot parse protobuf): {path}") from err
     if not model.HasField("graph") or not model.graph.node:
         raise UserError(f"not an ONNX model (no graph nodes): {path}")
-    check_external_data_paths(model, path.parent)
-    if uses_external_data(model):
-        onnx.load_external_data_for_model(model, str(path.parent))
-        if too_large_for_protobuf(model):
-            # Every protobuf copy of the graph fails above 2 GB; the stages would need to keep the
-            # weights outside the ModelProto. Say so rather than fail somewhere inside.
-            size = sum(file.stat().st_size for file in [path, *external_data_files(path)])
-            raise UserError(f"models over 2 GB are not supported yet: {path} with its external data is "
-                            f"{size / 2**30:.1f} GiB")
+    data_files = check_external_data_paths(model, path.parent)
     check_ops_known(model, path)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # from the file: a ModelProto over 2 GB cannot be passed
     except onnx.checker.ValidationError as err:
         raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from err
     except UnicodeDecodeError as err:  # the checker's message quotes a name that is not UTF-8
         raise UserError(f"invalid ONNX model {path}: a name or string is not valid UTF-8") from err
-    check_tensors_decode(model, path)
-    return model
+    # Loading in place copies nothing, so it works above 2 GB; the large values then leave the graph.
+    onnx.load_external_data_for_model(model, str(path.parent))
+    weights: Weights = {}
+    decode = partial(decode_tensor, path=path)
+    detach_large(model, weights, decode)
+    initializers = {t.name for t in model.graph.initializer}
+    for tensor in all_tensors(model):
+        if tensor.name not in initializers:  # detach_large decoded those
+            decode(tensor)
+    return LoadedModel(model, weights, data_files)
 
 
-def check_tensors_decode(model: onnx.ModelProto, path: Path) -> None:
+def decode_tensor(tensor: onnx.TensorProto, path: Path) -> np.ndarray:
     """The checker accepts tensors with an unknown data type or a data size that does not match
     their shape; later stages would fail on them with no hint of which tensor is broken."""
-    for tensor in all_tensors(model):
-        try:
-            numpy_helper.to_array(tensor)
-        except Exception as err:  # onnx raises KeyError, ValueError or TypeError depending on the defect
-            raise UserError(f"invalid ONNX model {path}: tensor {tensor.name!r} cannot be decoded "
-                            f"({type(err).__name__}: {first_line(err)})") from None
-
-
-def external_data_files(path: Path) -> list[Path]:
-    """The external-data files the model file names (already checked to lie in its folder)."""
-    model = onnx.load_model(str(path), load_external_data=False)
-    locations = {e.value for t in all_tensors(model) for e in t.external_data if e.key == "location"}
-    return [path.parent / location for location in sorted(locations)]
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as err:  # onnx raises KeyError, ValueError or TypeError depending on the defect
+        raise UserError(f"invalid ONNX model {path}: tensor {tensor.name!r} cannot be decoded "
+                        f"({type(err).__name__}: {first_line(err)})") from None
 
 
 def source_digest(files: list[Path]) -> str:
@@ -141,14 +146,6 @@ def source_digest(files: list[Path]) -> str:
             while chunk := stream.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def too_large_for_protobuf(model: onnx.ModelProto, limit: int = PROTOBUF_LIMIT) -> bool:
-    """Whether the model cannot be serialized as one protobuf (ByteSize itself fails above 2 GB)."""
-    try:
-        return model.ByteSize() > limit
-    except EncodeError:
-        return True
 
 
 def all_tensors(model: onnx.ModelProto):
@@ -169,13 +166,11 @@ def graph_tensors(graph: onnx.GraphProto):
                 yield from graph_tensors(subgraph)
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(onnx.external_data_helper.uses_external_data(t) for t in all_tensors(model))
-
-
-def check_external_data_paths(model: onnx.ModelProto, model_dir: Path) -> None:
-    """Refuse external-data locations that are absolute or resolve outside the model's folder."""
+def check_external_data_paths(model: onnx.ModelProto, model_dir: Path) -> list[Path]:
+    """Refuse external-data locations that are absolute or resolve outside the model's folder;
+    return the files named, in a fixed order."""
     root = model_dir.resolve()
+    files = set()
     for tensor in all_tensors(model):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
@@ -187,14 +182,16 @@ def check_external_data_paths(model: onnx.ModelProto, model_dir: Path) -> None:
             )
         if not target.is_file():
             raise UserError(f"external data file of tensor {tensor.name!r} not found: {location}")
+        files.add(model_dir / location)
+    return sorted(files)
 
 
-def check_weights_finite(model: onnx.ModelProto) -> None:
+def check_weights_finite(model: onnx.ModelProto, weights: Weights) -> None:
     """NaN or Inf in a weight has no quantization grid: refuse it before calibration meets it."""
     for tensor in model.graph.initializer:
         if tensor.data_type not in FLOAT_TYPES:
             continue
-        bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(tensor))))
+        bad = int(np.count_nonzero(~np.isfinite(tensor_value(tensor, weights))))
         if bad:
             raise UserError(f"initializer {tensor.name!r} holds {bad} NaN or infinite values: "
                             "quantization needs finite weights")
@@ -214,22 +211,28 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UserError(f"shape inference failed: {first_line(err)}") from err
 
 
-def simplify_or_keep(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    """onnxsim when it succeeds and verifies; otherwise the unsimplified graph, with a note."""
+def simplify_or_keep(model: onnx.ModelProto, weights: Weights, notes: list[str]) -> tuple[onnx.ModelProto, Weights]:
+    """onnxsim when it succeeds and verifies; otherwise the unsimplified graph, with a note. onnxsim
+    needs the whole model as one protobuf, so a model over 2 GB is not simplified."""
     import onnxsim
 
+    if not fits_in_protobuf(model, weights):
+        notes.append("not simplified: onnxsim cannot take a model over 2 GB")
+        return model, weights
     try:
-        simplified, verified = onnxsim.simplify(model)
+        simplified, verified = onnxsim.simplify(with_values(model, weights))
     except Exception as err:  # onnxsim surfaces C++ and ORT failures as arbitrary exceptions
         notes.append(f"onnxsim failed, continuing with the unsimplified graph: {first_line(err)}")
-        return model
+        return model, weights
     if not verified:
         notes.append("onnxsim result did not verify, continuing with the unsimplified graph")
-        return model
+        return model, weights
     notes.append("simplified with onnxsim")
     del simplified.metadata_props[:]  # onnxsim adds its own bookkeeping entries; keep the user's
     simplified.metadata_props.extend(model.metadata_props)
-    return simplified
+    simplified_weights: Weights = {}
+    detach_large(simplified, simplified_weights)
+    return simplified, simplified_weights
 
 
 def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -313,7 +316,7 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
-def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, BatchNormStats]]:
+def fold_batchnorms(model: onnx.ModelProto, weights: Weights) -> tuple[onnx.ModelProto, dict[str, BatchNormStats]]:
     """Fold every BatchNormalization whose only producer is a Conv with constant weights.
 
     The Conv takes over the BatchNormalization's output name, so the statistics stay addressable
@@ -329,13 +332,13 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         conv = producer.get(bn.input[0])
         if not is_foldable(bn, conv, inits, users, graph_outputs):
             continue
-        bn_stats = read_bn_stats(bn, inits)
+        bn_stats = read_bn_stats(bn, inits, weights)
         if np.any(bn_stats.var + bn_stats.epsilon <= 0):
             raise UserError(f"BatchNormalization {bn.name or bn.output[0]!r} has a running variance below "
                             f"-epsilon ({bn_stats.var.min():g}): its output is undefined")
-        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
+        weight = tensor_value(inits[conv.input[1]], weights).astype(np.float32)
         bias = (
-            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
+            tensor_value(inits[conv.input[2]], weights).astype(np.float32)
             if len(conv.input) > 2 and conv.input[2]
             else np.zeros(weight.shape[0], np.float32)
         )
@@ -344,10 +347,8 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         folded_bias = (bias - bn_stats.mean) * factor + bn_stats.bias
         base = conv.name or bn.output[0]
         weight_name, bias_name = f"{base}.folded_weight", f"{base}.folded_bias"
-        model.graph.initializer.extend(
-            [numpy_helper.from_array(folded_weight.astype(np.float32), weight_name),
-             numpy_helper.from_array(folded_bias.astype(np.float32), bias_name)]
-        )
+        add_initializer(model, weights, weight_name, folded_weight.astype(np.float32))
+        add_initializer(model, weights, bias_name, folded_bias.astype(np.float32))
         del conv.input[1:]
         conv.input.extend([weight_name, bias_name])
         conv.output[0] = bn.output[0]
@@ -374,8 +375,8 @@ def is_foldable(bn, conv, inits, users, graph_outputs) -> bool:
     )
 
 
-def read_bn_stats(bn: onnx.NodeProto, inits) -> BatchNormStats:
-    scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float32) for n in bn.input[1:5])
+def read_bn_stats(bn: onnx.NodeProto, inits, weights: Weights) -> BatchNormStats:
+    scale, bias, mean, var = (tensor_value(inits[n], weights).astype(np.float32) for n in bn.input[1:5])
     epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
     return BatchNormStats(mean=mean, var=var, scale=scale, bias=bias, epsilon=float(epsilon))
 
@@ -388,14 +389,13 @@ def remove_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_constant_nodes(model: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
     """Constant nodes become initializers (paddle2onnx supplies weights this way)."""
     graph_outputs = {o.name for o in model.graph.output}
     kept = []
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] not in graph_outputs:
-            value = constant_node_value(node)
-            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            add_initializer(model, weights, node.output[0], constant_node_value(node))
         else:
             kept.append(node)
     del model.graph.node[:]
@@ -408,13 +408,13 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
         raise UserError(f"Constant node {node.name or node.output[0]!r} must have exactly one value attribute, "
                         f"it has {len(node.attribute)}")
     attr = node.attribute[0]
-    value = onnx.helper.get_attribute_value(attr)
+    content = onnx.helper.get_attribute_value(attr)
     if attr.name == "value":
-        return numpy_helper.to_array(value)
+        return numpy_helper.to_array(content)
     if attr.name in ("value_float", "value_floats"):
-        return np.asarray(value, np.float32)
+        return np.asarray(content, np.float32)
     if attr.name in ("value_int", "value_ints"):
-        return np.asarray(value, np.int64)
+        return np.asarray(content, np.int64)
     raise UserError(f"Constant node {node.name!r} uses unsupported attribute {attr.name!r}")
 
 

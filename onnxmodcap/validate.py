@@ -76,26 +76,21 @@ class Validation:
 
 def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.ndarray, held_out: bool,
              device: torch.device, provider: str = "auto") -> Validation:
-    quantized = create_session(exported, provider)
-    reference = create_session(float_model, provider)
-    name = quantized.get_inputs()[0].name
-    ort_out, perturbed_out, sim_out, float_out = [], [], [], []
     noise = np.random.default_rng(0).standard_normal(inputs.shape).astype(np.float32) * NOISE_PERTURBATION
+    starts = range(0, len(inputs), BATCH)
+    batches = [inputs[start:start + BATCH] for start in starts]
+    perturbed = [inputs[start:start + BATCH] * (1 + noise[start:start + BATCH]) for start in starts]
+    (float_logits,), _ = session_outputs(float_model, provider, batches)
+    (ort_logits, perturbed_logits), used_provider = session_outputs(exported, provider, batches, perturbed)
     with torch.no_grad():
-        for start in range(0, len(inputs), BATCH):
-            batch = inputs[start:start + BATCH]
-            ort_out.append(quantized.run(None, {name: batch})[0])
-            perturbed_out.append(quantized.run(None, {name: batch * (1 + noise[start:start + BATCH])})[0])
-            float_out.append(reference.run(None, {reference.get_inputs()[0].name: batch})[0])
-            sim_out.append(mirror(torch.from_numpy(batch).to(device))[0].float().cpu().numpy())
-    ort_logits, perturbed_logits, sim_logits, float_logits = (
-        np.concatenate(x) for x in (ort_out, perturbed_out, sim_out, float_out))
+        sim_logits = np.concatenate([mirror(torch.from_numpy(batch).to(device))[0].float().cpu().numpy()
+                                     for batch in batches])
     gap, noise_level = np.linalg.norm(ort_logits - sim_logits), np.linalg.norm(perturbed_logits - ort_logits)
     output_range = float(sim_logits.max() - sim_logits.min()) or 1.0
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     per_image = np.abs(flat(ort_logits) - flat(sim_logits)).max(axis=1)
     return Validation(
-        images=len(inputs), held_out=held_out, provider=session_provider(quantized),
+        images=len(inputs), held_out=held_out, provider=used_provider,
         max_abs_diff=float(per_image.max()), max_abs_diff_relative=float(per_image.max()) / output_range,
         exact_images=float((per_image <= PARITY_TOLERANCE * output_range).mean()),
         noise_ratio=float(gap / noise_level) if noise_level > 0 else (0.0 if gap == 0 else float("inf")),
@@ -104,6 +99,15 @@ def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.
         float_kl=float(kl_divergence(flat(float_logits), flat(ort_logits)).mean()),
         float_cosine=float(cosine_similarity(flat(float_logits), flat(ort_logits)).mean()),
     )
+
+
+def session_outputs(model: str, provider: str, *input_sets: list[np.ndarray]) -> tuple[list[np.ndarray], str]:
+    """The first output of `model` for each list of batches, and the provider that ran. One session
+    at a time, released on return: a large model's float and quantized sessions need not coexist."""
+    session = create_session(model, provider)
+    name = session.get_inputs()[0].name
+    outputs = [np.concatenate([session.run(None, {name: batch})[0] for batch in batches]) for batches in input_sets]
+    return outputs, session_provider(session)
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,6 +5,9 @@ test_cli.py and test_prepare.py; empty or corrupt calibration folders in test_qu
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import struct
 import zlib
 
@@ -17,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import onnxmodcap
-from onnxmodcap import pipeline, prepare
+from onnxmodcap import pipeline, weights
 from onnxmodcap.cli import main
 
 CALIB = 48
@@ -143,6 +146,17 @@ def png_claiming_size(path, width, height):
     path.write_bytes(bytes(data))
 
 
+def test_a_large_image_under_the_bomb_limit_is_read_without_a_warning(tmp_path):
+    """90 megapixels: above Pillow's warning threshold, below its error: a large photo, not a bomb.
+    Read in a fresh process, where Python prints warnings as a user would see them."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (10000, 9000)).save(tmp_path / "imgs" / "large.png")
+    script = ("import sys; from onnxmodcap.datasets import open_images; images = open_images(sys.argv[1]); "
+              "print(images.load(images.samples[0]).size)")
+    read = subprocess.run([sys.executable, "-c", script, str(tmp_path / "imgs")], capture_output=True, text=True)
+    assert (read.returncode, read.stdout, read.stderr) == (0, "(10000, 9000)\n", "")
+
+
 def test_messy_calibration_folder_uses_what_it_can_and_names_what_it_skips(tmp_path):
     model, output = tiny_classifier(tmp_path / "m.onnx"), tmp_path / "q.onnx"
     folder = write_pngs(tmp_path / "imgs", 12, (8, 8), "L")
@@ -210,11 +224,26 @@ def test_a_model_with_external_data_is_written_with_external_data(tmp_path, tens
     assert session.run(None, {"x": np.load(tensors)[-8:]})[0].shape == (8, 5)
 
 
+def test_a_model_over_the_protobuf_limit_takes_the_large_model_path(tmp_path, tensors, monkeypatch):
+    """With the limit lowered to a few kB, a small model goes the way a model over 2 GB goes: not
+    simplified, written with external data. ONNX Runtime gives the same outputs as the ordinary path."""
+    model = tiny_classifier(tmp_path / "m.onnx", width=64)
+    ordinary = onnxmodcap.quantize(model, tensors, method="rtn", bits=4, num_calib=32, output=str(tmp_path / "a.onnx"))
+    monkeypatch.setattr(weights, "PROTOBUF_LIMIT", 2048)
+    large = onnxmodcap.quantize(model, tensors, method="rtn", bits=4, num_calib=32, output=str(tmp_path / "b.onnx"))
+    assert large.validation.parity_ok
+    assert "not simplified: onnxsim cannot take a model over 2 GB" in large.report["notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "b.onnx.data", "inputs.npy", "m.onnx"]
+    images = {"x": np.load(tensors)[-8:]}
+    outputs = [ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"]).run(None, images)[0]
+               for result in (ordinary, large)]
+    np.testing.assert_array_equal(*outputs)
+
+
 @pytest.mark.large
-def test_a_model_over_2_gb_is_refused_with_one_error_line(tmp_path):
-    """A 2.2 GB Gemm stored with external data. Quantizing it is not supported yet (every protobuf
-    copy of the graph fails above 2 GB), so the user gets one error line and nothing is written.
-    Needs a few GB of RAM and disk: run with `pytest -m large`."""
+def test_a_model_over_2_gb_quantizes_and_is_written_with_external_data(tmp_path):
+    """A 2.2 GB Gemm weight (one tensor above the protobuf limit) stored with external data.
+    Needs about 12 GB of RAM and 3 GB of disk: run with `pytest -m large`."""
     features, classes = 16 * 16 * 64, 33000
     rng = np.random.default_rng(0)
     (rng.standard_normal((classes, features), dtype=np.float32) * 0.01).tofile(tmp_path / "big.onnx.data")
@@ -232,12 +261,22 @@ def test_a_model_over_2_gb_is_refused_with_one_error_line(tmp_path):
                                fc_weight])
     model = tmp_path / "big.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), model)
-    assert (tmp_path / "big.onnx.data").stat().st_size > prepare.PROTOBUF_LIMIT
+    assert (tmp_path / "big.onnx.data").stat().st_size > weights.PROTOBUF_LIMIT
     calib = tmp_path / "inputs.npy"
     np.save(calib, rng.standard_normal((48, 3, 16, 16)).astype(np.float32))
-    assert_refused(quantize_cli(model, calib, tmp_path / "big.w8a8.onnx"),
-                   f"models over 2 GB are not supported yet: {model} with its external data is 2.0 GiB",
-                   model, tmp_path / "big.w8a8.onnx")
+    before = [hashlib.sha256(path.read_bytes()).hexdigest() for path in (model, tmp_path / "big.onnx.data")]
+    output = tmp_path / "big.w8a8.onnx"
+    result = quantize_cli(model, calib, output, "--bits", 8, "--init", "minmax", "--report", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    assert [hashlib.sha256(path.read_bytes()).hexdigest() for path in (model, tmp_path / "big.onnx.data")] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.w8a8.onnx",
+                                                          "big.w8a8.onnx.data", "inputs.npy", "report.json"]
+    written = onnx.load(output, load_external_data=False)
+    assert {t.name for t in written.graph.initializer if onnx.external_data_helper.uses_external_data(t)} >= {
+        "fc_quantized", "w_quantized"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["validation"]["parity_ok"] is True
+    assert "not simplified: onnxsim cannot take a model over 2 GB" in report["notes"]
 
 
 def test_a_bug_is_one_error_line_unless_the_traceback_is_asked_for(tmp_path, tensors, monkeypatch):

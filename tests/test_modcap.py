@@ -72,7 +72,7 @@ def test_merged_units_compute_exactly_what_the_units_computed(exported_model, ca
     sim = simulate(path, calib, QuantizeConfig(bits=4, num_calib=32), torch.device("cpu"))
     capacities = data_capacities(sim.mirror, sim.data.inputs, torch.device("cpu"))
     schedule = choose_groups("data", sim.units, capacities, pairs=4)
-    merged = NetworkMirror(sim.prepared.model, merge_units(sim.prepared.model, sim.units, schedule)).eval()
+    merged = NetworkMirror(sim.prepared, merge_units(sim.prepared.model, sim.units, schedule)).eval()
     merged.attach(sim.quantizers)
     assert len(merged.units) < len(sim.units)
     batch = torch.from_numpy(sim.data.inputs)
@@ -87,7 +87,7 @@ def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_
     path, _ = exported_model("resnet18", "legacy_bn")
     sim = simulate(path, calib, QuantizeConfig(bits=4, num_calib=64), torch.device("cpu"))
     targets = batchnorm_targets(sim.prepared.bn_stats)
-    stem = NetworkMirror(sim.prepared.model, sim.units).units[0]
+    stem = NetworkMirror(sim.prepared, sim.units).units[0]
     images = CachedTensor(torch.from_numpy(sim.data.inputs))
 
     def correct(dc_lambda):

@@ -231,10 +231,10 @@ def test_cli_quantize_and_tensorrt_check(resnet, calib_tensors, tmp_path):
 def test_a_wrong_export_fails_validation_and_writes_nothing(resnet, calib_tensors, tmp_path, monkeypatch, error):
     """One activation scale off by 2 % (or 10 %): every image moves far beyond rounding noise."""
     def wrong_export(*args, **kwargs):
-        model = export_qdq(*args, **kwargs)
+        model, weights = export_qdq(*args, **kwargs)
         scale = next(t for t in model.graph.initializer if t.name.endswith("_scale") and not t.dims)
         scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * np.float32(error), scale.name))
-        return model
+        return model, weights
 
     monkeypatch.setattr(pipeline, "export_qdq", wrong_export)
     out = tmp_path / "q.onnx"
