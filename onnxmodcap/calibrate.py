@@ -147,7 +147,7 @@ def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, Ac
     """Quantizers with scales and zero points initialised by `method` (lp, minmax or percentile)."""
     weights_by_name = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
     weights = {}
-    for spec in plan.weights:
+    for spec in tqdm(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer", leave=False):
         weight = weights_by_name[spec.tensor].detach()
         axis = spec.axis if spec.axis is not None else 0
         rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1) if spec.axis is not None else weight.reshape(1, -1)

@@ -95,7 +95,9 @@ class UnitMirror(nn.Module):
 
     def add_constant(self, name: str, array: np.ndarray, learnable: bool) -> None:
         key = module_key("c", name, len(self.keys))
-        tensor = torch.from_numpy(np.array(array, copy=True))
+        # Shares memory with a writable array (PreparedModel.weights): nothing writes into a mirrored
+        # constant, and a large model then holds its weights once, not twice.
+        tensor = torch.from_numpy(np.require(array, requirements="W"))
         if learnable:
             self.weights[key] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -117,7 +117,10 @@ def load_model(path: Path) -> LoadedModel:
     except UnicodeDecodeError as err:  # the checker's message quotes a name that is not UTF-8
         raise UserError(f"invalid ONNX model {path}: a name or string is not valid UTF-8") from err
     # Loading in place copies nothing, so it works above 2 GB; the large values then leave the graph.
-    onnx.load_external_data_for_model(model, str(path.parent))
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except ValueError as err:  # an offset or length beyond the end of the file
+        raise UserError(f"invalid ONNX model {path}: {first_line(err)}") from None
     weights: Weights = {}
     decode = partial(decode_tensor, path=path)
     detach_large(model, weights, decode)

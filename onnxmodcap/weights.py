@@ -19,7 +19,7 @@ DETACHED_BYTES = 1024
 STUB_LOCATION = "onnxmodcap:weights"  # not a file: the value is in the Weights dict
 PROTOBUF_LIMIT = 2**31 - 1
 
-Weights = dict[str, np.ndarray]
+Weights = dict[str, np.ndarray]  # writable arrays: the mirror shares their memory
 
 
 def is_stub(tensor: onnx.TensorProto) -> bool:
@@ -57,7 +57,7 @@ def detach_large(model: onnx.ModelProto, weights: Weights,
             continue
         array = decode(tensor)
         if array.nbytes >= DETACHED_BYTES and tensor.data_type != onnx.TensorProto.STRING:
-            weights[tensor.name] = array
+            weights[tensor.name] = array = np.require(array, requirements="W")  # not a view of the proto's bytes
             tensor.CopyFrom(stub(tensor.name, array, tensor.data_type))
 
 

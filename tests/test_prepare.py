@@ -151,6 +151,15 @@ def test_external_data_escaping_model_folder_is_refused(tmp_path, escape):
     assert str(err.value) == f"external data of tensor 'w' points outside the model folder: {location}"
 
 
+def test_external_data_file_shorter_than_its_tensor_is_refused(tmp_path):
+    path = external_data_model(tmp_path)
+    (tmp_path / "weights.bin").write_bytes((tmp_path / "weights.bin").read_bytes()[:100])
+    with pytest.raises(UserError) as err:
+        prepare(path)
+    assert str(err.value) == (f"invalid ONNX model {path}: External data length (432) exceeds available data "
+                              "(100 bytes from offset 0) for tensor 'w'")
+
+
 def test_custom_domain_op_is_refused(tmp_path):
     node = helper.make_node("FancyConv", ["x"], ["y"], domain="com.acme", name="fancy")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
