@@ -1,7 +1,7 @@
 """A model over 2 GB: quantize a chain of wide convolutions stored with external data and measure
 the peak resident memory and wall time of `onnxmodcap quantize`.
 
-    OMP_NUM_THREADS=2 python tools/bench_large_model.py [--out /tmp/bench_large] [--width 2048] [--layers 15] [--iters 5]
+    OMP_NUM_THREADS=2 python tools/bench_large_model.py [--out /tmp/bench_large] [--width 2048] [--layers 15] [--iters 5] [--init lp]
 
 The graph: Conv 3->W (3x3), then --layers Conv W->W (3x3, ReLU after each; 151 MB of float weights
 each at the default width 2048), global average pool and Gemm W->1000, on 3x4x4 inputs. Weights are random
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="reconstruction iterations per unit")
     parser.add_argument("--method", default="brecq")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--init", default="lp", help="quantizer initialisation (lp takes minutes per layer here)")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def main() -> None:
     work_dir, report_path = args.out / "work", args.out / "report.json"
     command = [str(Path(sys.executable).with_name("onnxmodcap")), "quantize", str(model_path),
                "--calib", str(calib), "--bits", str(args.bits), "--num-calib", str(args.images),
-               "--method", args.method, "--iters", str(args.iters), "-o", str(args.out / "large.quant.onnx"),
+               "--method", args.method, "--iters", str(args.iters), "--init", args.init, "-o", str(args.out / "large.quant.onnx"),
                "--report", str(report_path), "--work-dir", str(work_dir)]
     print(" ".join(command), f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
     code, seconds, peak_gib, work_bytes = run_measured(command, args.out / "quantize.log", work_dir)
