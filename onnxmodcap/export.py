@@ -98,10 +98,12 @@ def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding
 
 def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
                target: str, metadata: dict) -> tuple[onnx.ModelProto, Weights]:
-    """The quantized model, its large initializers as stubs with their values in the Weights. Biases hold values on the int32 grid of input scale x weight scale. They
-    stay float (TensorRT takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into
-    an int8 kernel and recovers exactly the simulated integers), except Gemm biases of the ORT target,
-    which are written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
+    """The quantized model, its large initializers as stubs with their values in the Weights.
+
+    Biases hold values on the int32 grid of input scale x weight scale. They stay float (TensorRT
+    takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into an int8 kernel and
+    recovers exactly the simulated integers), except Gemm biases of the ORT target, which are
+    written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
     model = onnx.ModelProto.FromString(prepared.model.SerializeToString())
