@@ -40,11 +40,16 @@ def tensor_value(tensor: onnx.TensorProto, weights: Weights) -> np.ndarray:
     return weights[tensor.name] if is_stub(tensor) else numpy_helper.to_array(tensor)
 
 
+def detached(weights: Weights, name: str, array: np.ndarray, data_type: int | None = None) -> onnx.TensorProto:
+    """Keep `array` in `weights`, writable so that the mirror can share it, and return its stub."""
+    weights[name] = np.require(array, requirements="W")
+    return stub(name, array, data_type)
+
+
 def add_initializer(model: onnx.ModelProto, weights: Weights, name: str, array: np.ndarray) -> None:
     """A new initializer: a stub with its value in `weights` when large, else inline."""
     if array.nbytes >= DETACHED_BYTES:
-        weights[name] = array
-        model.graph.initializer.append(stub(name, array))
+        model.graph.initializer.append(detached(weights, name, array))
     else:
         model.graph.initializer.append(numpy_helper.from_array(array, name))
 
@@ -57,8 +62,7 @@ def detach_large(model: onnx.ModelProto, weights: Weights,
             continue
         array = decode(tensor)
         if array.nbytes >= DETACHED_BYTES and tensor.data_type != onnx.TensorProto.STRING:
-            weights[tensor.name] = array = np.require(array, requirements="W")  # not a view of the proto's bytes
-            tensor.CopyFrom(stub(tensor.name, array, tensor.data_type))
+            tensor.CopyFrom(detached(weights, tensor.name, array, tensor.data_type))
 
 
 def with_values(model: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:

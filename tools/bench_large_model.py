@@ -13,8 +13,6 @@ quantize log is --out/quantize.log. The last line printed is a markdown table ro
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bench_load import parity_line, run_measured
+from bench_load import run_quantize
 
 SIDE, CLASSES = 4, 1000
 
@@ -87,15 +85,10 @@ def main() -> None:
                "--calib", str(calib), "--bits", str(args.bits), "--num-calib", str(args.images),
                "--method", args.method, "--iters", str(args.iters), "--init", args.init, "-o", str(args.out / "large.quant.onnx"),
                "--report", str(report_path), "--work-dir", str(work_dir)]
-    print(" ".join(command), f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
-    code, seconds, peak_gib, work_bytes = run_measured(command, args.out / "quantize.log", work_dir)
-
+    code, seconds, peak_gib, work_bytes, outcome = run_quantize(command, args.out, work_dir, report_path)
     if code == 0:
-        report = json.loads(report_path.read_text())
         written = sum(p.stat().st_size for p in args.out.glob("large.quant.onnx*"))
-        outcome = f"output {written / 1e9:.2f} GB; " + parity_line(report["validation"])
-    else:  # no report; the log's last line says why
-        outcome = (args.out / "quantize.log").read_text().strip().splitlines()[-1]
+        outcome = f"output {written / 1e9:.2f} GB; {outcome}"
     print("| model GB | width | layers | images | method | iters | peak RSS GiB | wall s | exit | work folder peak MB "
           "| output and parity (report validation) or error |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")

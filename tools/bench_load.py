@@ -84,6 +84,18 @@ def run_measured(command: list[str], log: Path, work_dir: Path) -> tuple[int, fl
     return code, seconds, peak_gib, largest
 
 
+def run_quantize(command: list[str], out: Path, work_dir: Path, report_path: Path) -> tuple[int, float, float, int, str]:
+    """Print and run a `quantize` command, logging to out/quantize.log; return what run_measured
+    returns plus the report's parity line, or the log's last line (the error) when it failed."""
+    print(" ".join(command), f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
+    code, seconds, peak_gib, work_bytes = run_measured(command, out / "quantize.log", work_dir)
+    if code == 0:
+        outcome = parity_line(json.loads(report_path.read_text())["validation"])
+    else:  # no report; the log's last line says why
+        outcome = (out / "quantize.log").read_text().strip().splitlines()[-1]
+    return code, seconds, peak_gib, work_bytes, outcome
+
+
 def parity_line(validation: dict) -> str:
     return (f"parity_ok={validation['parity_ok']}: {validation['exact_images']:.1%} of {validation['images']} images "
             f"within {validation['parity_tolerance']:g} ({validation['provider']}), max relative diff "
@@ -117,13 +129,7 @@ def main() -> None:
                "--report", str(report_path), "--work-dir", str(work_dir)]
     if args.cache_mem is not None:
         command += ["--cache-mem", str(args.cache_mem)]
-    print(" ".join(command), f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
-    code, seconds, peak_gib, work_bytes = run_measured(command, args.out / "quantize.log", work_dir)
-
-    if code == 0:
-        outcome = parity_line(json.loads(report_path.read_text())["validation"])
-    else:  # no report; the log's last line says why
-        outcome = (args.out / "quantize.log").read_text().strip().splitlines()[-1]
+    code, seconds, peak_gib, work_bytes, outcome = run_quantize(command, args.out, work_dir, report_path)
     print("| model MB | parameters | images | iters | peak RSS GiB | wall s | exit | work folder peak MB "
           "| parity (report validation) or error |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
