@@ -85,8 +85,7 @@ def quantizer_state(quantizers: QuantizerSet) -> dict[str, torch.Tensor]:
             state[f"{kind}/{name}/scale"] = quantizer.scale.detach().cpu().clone()
             state[f"{kind}/{name}/zero_point"] = quantizer.zero_point.detach().cpu().clone()
             if quantizer.alpha is not None:
-                state[f"{kind}/{name}/alpha"] = quantizer.alpha.detach().cpu().clone()
-                state[f"{kind}/{name}/hard"] = torch.tensor(quantizer.hard_rounding)
+                state[f"{kind}/{name}/alpha"] = quantizer.alpha.detach().cpu().clone()  # hardened
     return state
 
 
@@ -96,12 +95,10 @@ def restore_quantizers(quantizers: QuantizerSet, state: dict[str, torch.Tensor])
             with torch.no_grad():
                 quantizer.scale.copy_(state[f"{kind}/{name}/scale"])
                 quantizer.zero_point.copy_(state[f"{kind}/{name}/zero_point"])
-            if f"{kind}/{name}/alpha" in state:
-                quantizer.alpha = torch.nn.Parameter(state[f"{kind}/{name}/alpha"].to(quantizer.scale.device),
-                                                     requires_grad=False)
-                quantizer.hard_rounding = bool(state[f"{kind}/{name}/hard"])
-            else:
-                quantizer.alpha, quantizer.hard_rounding = None, False
+            alpha = state.get(f"{kind}/{name}/alpha")
+            quantizer.alpha = None if alpha is None else torch.nn.Parameter(alpha.to(quantizer.scale.device),
+                                                                            requires_grad=False)
+            quantizer.soft_rounding = None
 
 
 def run_fingerprint(*parts: bytes) -> str:

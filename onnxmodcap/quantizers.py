@@ -53,25 +53,117 @@ def integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, gri
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
 
-def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+# The functions below build their 0/1 masks with arithmetic (abs, sign, clamp) rather than with
+# comparisons: on CPU, torch's comparisons and bool-to-float casts are about 10x slower than
+# float arithmetic, and they were the largest cost of a reconstruction iteration after the convolutions.
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
+def rectified_sigmoid_with_slope(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaRound's h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) and dh/dalpha."""
+    sigmoid = torch.sigmoid(alpha)
+    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+    soft = stretched.clamp(0.0, 1.0)
+    unclamped = torch.sub(soft, stretched).abs_().sign_().neg_().add_(1)  # 1.0 where soft == stretched
+    return soft, sigmoid.mul_(1 - sigmoid).mul_(ZETA - GAMMA).mul_(unclamped)
 
 
-def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x in the forward pass; its gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
-    return (x - x * factor).detach() + x * factor
+@dataclass
+class SoftRounding:
+    """What AdaRound's soft rounding of one weight reads in every iteration: `floor` (floor(w / s) + z)
+    and `grid_slope`, fixed while the layer is reconstructed, and h(alpha) with its slope, which
+    whoever changes alpha must `update` (the unit's forward pass and the rounding loss both read
+    them, so they are computed once per optimizer step)."""
+
+    floor: torch.Tensor
+    grid_slope: torch.Tensor  # s where the grid does not clamp floor + h, else 0
+    soft: torch.Tensor
+    slope: torch.Tensor
+
+    def update(self, alpha: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.soft, self.slope = rectified_sigmoid_with_slope(alpha)
 
 
-def drop_mix(quantized: torch.Tensor, float_value: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """QDrop: each element keeps its quantized value with probability `keep_prob`, else its float value.
-    (Arithmetic blend rather than torch.where: the same values and gradients, about half the cost.)"""
-    keep = (torch.rand_like(quantized) < keep_prob).to(quantized.dtype)
-    return float_value + (quantized - float_value) * keep
+class AdaRoundWeight(torch.autograd.Function):
+    """AdaRound's soft-quantized weight, (clamp(floor(w / s) + h(alpha) + z) - z) * s, as one autograd
+    node whose gradient to alpha is s * h'(alpha) where the grid does not clamp."""
+
+    @staticmethod
+    def forward(ctx, alpha, state: SoftRounding, scale, zero_point, grid: Grid):
+        ctx.save_for_backward(state.slope * state.grid_slope)
+        return torch.add(state.floor, state.soft).clamp_(grid.qmin, grid.qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        [slope] = ctx.saved_tensors
+        return grad * slope, None, None, None, None
+
+
+class RoundingLoss(torch.autograd.Function):
+    """AdaRound's regulariser sum(1 - |2 h(alpha) - 1|^beta), with its gradient computed in the
+    forward pass. The power is exp(log(.) * exponent): torch's pow with a fractional exponent is
+    not vectorised on CPU."""
+
+    @staticmethod
+    def forward(ctx, alpha, state: SoftRounding, beta: float):
+        centred = state.soft * 2 - 1
+        distance = centred.abs()
+        power = torch.log(distance).mul_(beta - 1).exp_()  # distance ** (beta - 1); beta > 1
+        ctx.save_for_backward(power.mul(state.slope).mul_(centred.sign_()).mul_(-2 * beta))
+        return (1 - power.mul_(distance)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        [slope] = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
+    """1.0 with probability `keep_prob` (in steps of 1/256), else 0.0, for each element of `like`.
+    Random bytes, eight per 64-bit draw of torch's generator: torch.rand_like draws once per
+    element and was the largest single cost of a QDrop iteration."""
+    count = like.numel()
+    draws = torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), dtype=torch.int64, device=like.device)
+    threshold = min(255, max(1, round(keep_prob * 256)))
+    random_bytes = draws.view(torch.uint8)[:count].view(like.shape).to(like.dtype)
+    return random_bytes.neg_().add_(threshold).clamp_(0, 1)  # 1 where byte < threshold (integers)
+
+
+def drop_mix(quantized: torch.Tensor, float_value: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """QDrop: each element takes its float value with probability `drop_prob`, else its quantized one.
+    (torch.lerp with weight exactly 0 or 1 returns one of its ends exactly, and is the fastest blend.)"""
+    return torch.lerp(float_value, quantized, keep_mask(quantized, 1.0 - drop_prob))
+
+
+class LearnedStepQuantize(torch.autograd.Function):
+    """LSQ fake quantization of a per-tensor activation, with QDrop's random mix folded in, as one
+    autograd node. Straight-through rounding: d out/d x is 1 inside the grid and 0 where clamped;
+    d out/d scale is round(v) - v inside and x_int - z where clamped (v = x / scale), times
+    `gradient_scale`. Dropped elements pass x through."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, grid: Grid, gradient_scale: float, drop_prob: float):
+        scaled = x / scale
+        shifted = torch.round(scaled).add_(zero_point)
+        clamped = shifted.clamp(grid.qmin, grid.qmax)
+        passes = shifted.sub_(clamped).abs_().clamp_(max=1).neg_().add_(1)  # integers: 1 inside the grid
+        centred = clamped.sub_(zero_point)
+        quantized = centred * scale
+        scale_slope = centred.sub_(scaled.mul_(passes))  # inside the grid `centred` is round(v)
+        if drop_prob:
+            keep = keep_mask(x, 1.0 - drop_prob)
+            quantized = torch.lerp(x, quantized, keep)
+            passes = passes.sub_(1).mul_(keep).add_(1)
+            scale_slope.mul_(keep)
+        ctx.save_for_backward(passes, scale_slope)
+        ctx.gradient_scale = gradient_scale
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        passes, scale_slope = ctx.saved_tensors
+        grad_scale = (grad * scale_slope).sum() * ctx.gradient_scale
+        return grad * passes, grad_scale, None, None, None, None
 
 
 class Quantizer(nn.Module):
@@ -79,8 +171,8 @@ class Quantizer(nn.Module):
 
     States used by reconstruction, all off after calibration:
     - `learning`: straight-through rounding and an LSQ-scaled gradient for `scale`;
-    - `alpha` (weights): AdaRound's rounding variables; soft until `hard_rounding` is set;
-    - `drop_prob`: QDrop, each element keeps its quantized value with this probability, else its float value;
+    - `alpha` (weights): AdaRound's rounding variables; soft (`soft_rounding`) until `harden()`;
+    - `drop_prob` (with `learning`): QDrop, each element takes its float value with this probability;
     - `enabled` False: the identity (the float model).
     """
 
@@ -91,7 +183,7 @@ class Quantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(channels))
         self.alpha: nn.Parameter | None = None
-        self.hard_rounding = False
+        self.soft_rounding: SoftRounding | None = None
         self.learning = False
         self.drop_prob = 0.0
         self.enabled = True
@@ -108,17 +200,16 @@ class Quantizer(nn.Module):
             return x
         scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         if self.learning and self.alpha is None:
-            scale = scale_gradient(scale, 1.0 / math.sqrt(x[0].numel() * self.grid.qmax))
-            x_int = torch.clamp(round_ste(x / scale) + zero_point, self.grid.qmin, self.grid.qmax)
-        else:
-            x_int = self.integer_values(x, scale, zero_point)
-        quantized = (x_int - zero_point) * scale
-        return drop_mix(quantized, x, self.drop_prob) if self.drop_prob else quantized
+            gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
+            return LearnedStepQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.drop_prob)
+        if self.soft_rounding is not None:  # x is the weight start_adaround was given
+            return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
+        return (self.integer_values(x, scale, zero_point) - zero_point) * scale
 
     def integer_values(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         if self.alpha is None:
             return integers(x, scale, zero_point, self.grid)
-        rounding = (self.alpha >= 0).to(x.dtype) if self.hard_rounding else rectified_sigmoid(self.alpha)
+        rounding = (self.alpha >= 0).to(x.dtype)  # hardened AdaRound
         return torch.clamp(torch.floor(x / scale) + rounding + zero_point, self.grid.qmin, self.grid.qmax)
 
     def quantized_integers(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,14 +226,23 @@ class Quantizer(nn.Module):
 
     def start_adaround(self, weight: torch.Tensor) -> None:
         """AdaRound variables that start where the soft rounding equals frac(weight / scale)."""
-        scaled = weight.detach() / self.broadcast(self.scale, weight).detach()
-        fraction = scaled - torch.floor(scaled)
-        alpha = -torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1)
-        self.alpha = nn.Parameter(alpha)
-        self.hard_rounding = False
+        scale = self.broadcast(self.scale, weight).detach()
+        scaled = weight.detach() / scale
+        floor = torch.floor(scaled)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (scaled - floor - GAMMA) - 1))
+        # floor + h, h in [0, 1], is clamped only where floor is outside [qmin, qmax - 1] (or where h
+        # is exactly 0 or 1, and there dh/dalpha is 0 anyway).
+        shifted = floor + self.broadcast(self.zero_point, weight)
+        inside = torch.clamp(shifted, self.grid.qmin, self.grid.qmax - 1).sub_(shifted).abs_().sign_().neg_().add_(1)
+        self.soft_rounding = SoftRounding(shifted, inside.mul_(scale), *rectified_sigmoid_with_slope(self.alpha.detach()))
+
+    def harden(self) -> None:
+        """End AdaRound: from now on each weight rounds up where alpha >= 0."""
+        self.alpha.requires_grad_(False)
+        self.soft_rounding = None
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+        return RoundingLoss.apply(self.alpha, self.soft_rounding, beta)
 
 
 def choose_range(samples: torch.Tensor, grid: Grid, method: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -228,7 +228,7 @@ def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor
             for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
                 original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
                 corrected = original.clone().requires_grad_(True)
-                optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr)
+                optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr, fused=True)
                 plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
                 for _ in range(settings.dc_iters):
                     seen.clear()
@@ -424,14 +424,15 @@ class UnitTraining:
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
+        for quantizer in self.weights:
+            quantizer.soft_rounding.update(quantizer.alpha)
         for scheduler in self.schedulers:
             scheduler.step()
 
     def finish(self) -> None:
         """Harden the rounding and return every quantizer to plain (exportable) quantization."""
         for quantizer in self.weights:
-            quantizer.hard_rounding = True
-            quantizer.alpha.requires_grad_(False)
+            quantizer.harden()
         for quantizer in self.activations:
             quantizer.learning = False
             quantizer.drop_prob = 0.0
@@ -450,10 +451,10 @@ def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTr
         quantizer.learning = True
         quantizer.scale.requires_grad_(True)
         quantizer.drop_prob = settings.drop_prob if settings.drops else 0.0
-    optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr)] if weights else []
+    optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr, fused=True)] if weights else []
     schedulers = []
     if activations:
-        act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr)
+        act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr, fused=True)
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
     return UnitTraining(weights, activations, optimizers, schedulers)

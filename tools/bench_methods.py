@@ -5,7 +5,7 @@
 
 Every --run is MODEL:float or MODEL:WBITS:ABITS:METHOD, where MODEL is a file or a stem in --models
 (resnet18 -> models/resnet18.onnx). For each run, one at a time, it
-- quantizes with the CLI (`onnxmodcap quantize ... --preset P --report R --seed S`), timing the whole
+- quantizes with the CLI (`onnxmodcap quantize ... --preset P --modcap off --report R --seed S`), timing the whole
   command (wall clock) and reading the report's seconds, per-unit losses and parity figures;
 - evaluates the output on the full test set with `onnxmodcap evaluate ... --reference MODEL --json`;
 - inserts one row into the markdown table of --out and one details block (the exact commands, the
@@ -214,7 +214,7 @@ def measure(spec: dict, args, env: dict, index: int, float_top1: dict) -> tuple[
         quantize_cmd = [args.onnxmodcap, "quantize", str(model), "--calib", str(args.calib),
                         "--wbits", str(spec["wbits"]), "--abits", str(spec["abits"]), "--method", spec["method"]]
         if spec["method"] != "rtn":
-            quantize_cmd += ["--preset", args.preset]
+            quantize_cmd += ["--preset", args.preset, "--modcap", "off"]  # the methods alone; ModCap: bench_modcap.py
             if args.iters is not None:
                 quantize_cmd += ["--iters", str(args.iters)]
         quantize_cmd += ["-o", str(target), "--report", str(report_path), "--seed", str(args.seed)]

@@ -6,7 +6,7 @@ For every unit, at the same batch size, it times (median of --steps after --warm
 - float: the unit without quantizers, forward, output-error loss, backward to the float weights;
 - iteration: one reconstruction step as `onnxmodcap quantize --method ...` runs it (QDrop mixing,
   AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates).
-It prints a markdown table with the ratio iteration / float.
+The two take turns step by step. It prints a markdown table with the ratio iteration / float.
 """
 
 from __future__ import annotations
@@ -19,29 +19,34 @@ from pathlib import Path
 import torch
 
 from onnxmodcap.pipeline import QuantizeConfig, simulate
-from onnxmodcap.reconstruct import (ReconstructionSettings, TensorStream, output_error, start_training,
-                                    training_loss)
+from onnxmodcap.reconstruct import (ReconstructionSettings, TensorCache, TensorStream, UnitData, output_error,
+                                    start_training, training_loss)
 
 
-def median_ms(action, steps: int, warmup: int) -> float:
-    timings = []
+def median_ms(actions, steps: int, warmup: int) -> list[float]:
+    """Median wall time of each action; the actions take turns, so that a change in the machine's
+    speed during the measurement affects them alike."""
+    timings = [[] for _ in actions]
     for step in range(warmup + steps):
-        started = time.perf_counter()
-        action()
-        if step >= warmup:
-            timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
+        for action, measured in zip(actions, timings):
+            started = time.perf_counter()
+            action()
+            if step >= warmup:
+                measured.append((time.perf_counter() - started) * 1000)
+    return [statistics.median(measured) for measured in timings]
 
 
 def float_step(unit, batch, targets):
-    unit.set_quantization(False)
-    for parameter in unit.weights.values():
-        parameter.requires_grad_(True)
+    """One forward+backward of the float unit, gradients to its weights (and biases)."""
 
     def step():
+        unit.set_quantization(False)
         for parameter in unit.weights.values():
+            parameter.requires_grad_(True)
             parameter.grad = None
         output_error(unit(*batch), targets).backward()
+        for parameter in unit.weights.values():
+            parameter.requires_grad_(False)
 
     return step
 
@@ -63,7 +68,8 @@ def main() -> None:
     sim = simulate(args.model, args.calib, config, torch.device("cpu"))
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size)
     generator = torch.Generator().manual_seed(0)
-    stream = TensorStream(sim.mirror, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
+    cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
+    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
     print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
     print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
@@ -74,17 +80,15 @@ def main() -> None:
         outputs = stream.advance(index, unit, quantized=False, device=torch.device("cpu"))
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
-        float_ms = median_ms(float_step(unit, batch, targets), args.steps, args.warmup)
-        for parameter in unit.weights.values():
-            parameter.requires_grad_(False)
-        unit.set_quantization(True)
+        data = UnitData(inputs, inputs, outputs, outputs)
         training = start_training(unit, settings)
 
         def iteration():
-            training.step(training_loss(unit, inputs, inputs, outputs, settings, torch.device("cpu"), generator,
+            unit.set_quantization(True)
+            training.step(training_loss(unit, data, settings, torch.device("cpu"), generator,
                                         training.weights, beta=10.0 if training.weights else None))
 
-        iteration_ms = median_ms(iteration, args.steps, args.warmup)
+        float_ms, iteration_ms = median_ms([float_step(unit, batch, targets), iteration], args.steps, args.warmup)
         training.finish()
         ratios.append(iteration_ms / float_ms)
         print(f"| {unit.unit.name} | {float_ms:.2f} | {iteration_ms:.2f} | {ratios[-1]:.2f} |")
