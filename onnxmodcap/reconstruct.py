@@ -42,16 +42,20 @@ DEFAULT_CACHE_BYTES = 4 << 30
 CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
 
 
+PAPER_ITERS, PAPER_CORRECTION_STEPS, PAPER_CORRECTION_LR = 20000, 500, 1e-3
+
+
 @dataclass(frozen=True)
 class ReconstructionSettings:
     """Published defaults (BRECQ/QDrop): 20k iterations of batch 32 per unit, AdaRound with lambda
     0.01 and beta 20 -> 2 after a 20 % warm-up, Adam 1e-3 on the rounding variables and 4e-5 with
     cosine decay on the activation step sizes, QDrop probability 0.5. PD-Quant: lambda_r 0.1,
     temperature and lambda_c by network (T 4, lambda_c 0.02 for ResNet/RegNet; T 1, lambda_c
-    0.005 for MobileNet-like, see `pd_defaults`), distribution correction with Adam 1e-3 for 500 steps."""
+    0.005 for MobileNet-like, see `pd_defaults`), distribution correction with Adam 1e-3 for 500
+    steps (`correction_steps`)."""
 
     method: str = "qdrop"
-    iters: int = 20000
+    iters: int = PAPER_ITERS
     batch_size: int = 32
     weight_lr: float = 1e-3
     act_lr: float = 4e-5
@@ -65,19 +69,28 @@ class ReconstructionSettings:
     pd_batch_size: int | None = None  # images of each batch carried to the logits (None: all)
     dc_lambda: float = 0.02
     dc: bool = True
-    dc_iters: int = 500
-    dc_lr: float = 1e-3
 
     @property
     def drops(self) -> bool:
         return self.method in ("qdrop", "pdquant")
 
+    @property
+    def correction_steps(self) -> int:
+        """Distribution correction takes the published 500 steps for 20 000 iterations, and the same
+        share of fewer iterations: a fixed 500 (or 50) steps would cost more than the reconstruction
+        itself at the fast preset's 1 000 iterations."""
+        return max(1, round(self.iters * PAPER_CORRECTION_STEPS / PAPER_ITERS))
+
+    @property
+    def correction_lr(self) -> float:
+        """Scaled so that steps x learning rate, the farthest Adam can move an input, stays as published."""
+        return PAPER_CORRECTION_LR * PAPER_CORRECTION_STEPS / self.correction_steps
+
 
 PRESETS = {
     "paper": {},
-    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps. The
-    # distribution correction takes 10x fewer steps at 10x the learning rate (the same largest move).
-    "fast": {"iters": 1000, "dc_iters": 50, "dc_lr": 1e-2, "pd_batch_size": 8},
+    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps.
+    "fast": {"iters": 1000, "pd_batch_size": 8},
 }
 
 
@@ -228,9 +241,9 @@ def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor
             for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
                 original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
                 corrected = original.clone().requires_grad_(True)
-                optimizer = torch.optim.Adam([corrected], lr=settings.dc_lr, fused=True)
+                optimizer = torch.optim.Adam([corrected], lr=settings.correction_lr, fused=True)
                 plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
-                for _ in range(settings.dc_iters):
+                for _ in range(settings.correction_steps):
                     seen.clear()
                     float_unit(corrected)
                     loss = statistics_error(seen, watched) + output_error(corrected, [original]) / settings.dc_lambda

@@ -91,7 +91,7 @@ def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_
     images = CachedTensor(torch.from_numpy(sim.data.inputs))
 
     def correct(dc_lambda):
-        corrected, note = correct_distribution(stem, [images], targets, ReconstructionSettings(dc_iters=100,
+        corrected, note = correct_distribution(stem, [images], targets, ReconstructionSettings(iters=4000,
                                                dc_lambda=dc_lambda), torch.device("cpu"), TensorCache(1 << 30, tmp_path))
         assert note == "applied (1 BatchNormalization statistics)"
         return corrected[0][:]
