@@ -164,8 +164,9 @@ def format_evaluation(result) -> str:
 @click.option("--dc-lambda", type=float,
               help="pdquant: lambda_c of distribution correction (default 0.02, or 0.005 with depthwise convolutions).")
 @click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction.")
-@click.option("--preset", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
-              help="Reconstruction settings: paper (20k iterations per unit) or fast (1k).")
+@click.option("--preset", type=click.Choice(["auto", "paper", "fast"]), default="auto", show_default=True,
+              help="Reconstruction settings: paper (the published 20k iterations per unit), fast (1k), or auto "
+                   "(paper with --device cuda, else fast).")
 @click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")

@@ -51,6 +51,18 @@ def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_default_preset_is_the_fast_one_on_a_cpu_and_says_so(resnet, calib, tmp_path):
+    report = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "onnxmodcap.cli", "quantize", str(resnet), "--calib", str(calib),
+                           "--method", "brecq", "--modcap", "off", "--iters", "3", "--num-calib", "64",
+                           "-o", str(tmp_path / "q.onnx"), "--report", str(report)],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "note: --preset auto chose fast on cpu: 3 iterations per unit" in done.stderr.splitlines()
+    settings = json.loads(report.read_text())["reconstruction_settings"]
+    assert (settings["preset"], settings["iters"], settings["pd_batch_size"]) == ("fast", 3, 8)
+
+
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path):
     outputs = []
     for name, cache_mem in (("a.onnx", 4.0), ("b.onnx", 0.0)):
