@@ -40,8 +40,6 @@ METHODS = ("brecq", "qdrop", "pdquant")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
 DEFAULT_CACHE_BYTES = 4 << 30
 CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
-
-
 PAPER_ITERS, PAPER_CORRECTION_STEPS, PAPER_CORRECTION_LR = 20000, 500, 1e-3
 
 
