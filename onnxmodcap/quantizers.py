@@ -146,24 +146,24 @@ class LearnedStepQuantize(torch.autograd.Function):
         scaled = x / scale
         shifted = torch.round(scaled).add_(zero_point)
         clamped = shifted.clamp(grid.qmin, grid.qmax)
-        passes = shifted.sub_(clamped).abs_().clamp_(max=1).neg_().add_(1)  # integers: 1 inside the grid
+        blocked = shifted.sub_(clamped).abs_().clamp_(max=1)  # integers: 1 where the grid clamps
         centred = clamped.sub_(zero_point)
         quantized = centred * scale
-        scale_slope = centred.sub_(scaled.mul_(passes))  # inside the grid `centred` is round(v)
+        scale_slope = centred.sub_(scaled.addcmul_(scaled, blocked, value=-1))  # inside the grid: round(v) - v
         if drop_prob:
             keep = keep_mask(x, 1.0 - drop_prob)
             quantized = torch.lerp(x, quantized, keep)
-            passes = passes.sub_(1).mul_(keep).add_(1)
+            blocked.mul_(keep)
             scale_slope.mul_(keep)
-        ctx.save_for_backward(passes, scale_slope)
+        ctx.save_for_backward(blocked, scale_slope)
         ctx.gradient_scale = gradient_scale
         return quantized
 
     @staticmethod
     def backward(ctx, grad):
-        passes, scale_slope = ctx.saved_tensors
+        blocked, scale_slope = ctx.saved_tensors
         grad_scale = (grad * scale_slope).sum() * ctx.gradient_scale
-        return grad * passes, grad_scale, None, None, None, None
+        return torch.addcmul(grad, grad, blocked, value=-1), grad_scale, None, None, None, None
 
 
 class Quantizer(nn.Module):

@@ -47,7 +47,9 @@ def test_lsq_node_matches_the_autograd_formula(grid):
     torch.manual_seed(0)
     zero_point = 0.0 if grid.fixed_zero else 3.0
     quantizer = learning_activation_quantizer(grid, 0.3, zero_point)
-    x = (torch.randn(4, 3, 5, 5) * 2).requires_grad_(True)  # about a third of the values clamp
+    x = torch.randn(4, 3, 5, 5) * 2  # about a third of the values clamp
+    x[0, 0, 0, :2] = torch.tensor([1e7, -1e7])  # far outside: d out/d scale is exactly x_int - z
+    x.requires_grad_(True)
     upstream = torch.randn_like(x)
 
     expected = reference_lsq(x, quantizer)
