@@ -58,13 +58,17 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 # float arithmetic, and they were the largest cost of a reconstruction iteration after the convolutions.
 
 
+def equal_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1.0 where a == b, else 0.0."""
+    return torch.sub(a, b).abs_().sign_().neg_().add_(1)
+
+
 def rectified_sigmoid_with_slope(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaRound's h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) and dh/dalpha."""
     sigmoid = torch.sigmoid(alpha)
     stretched = sigmoid * (ZETA - GAMMA) + GAMMA
     soft = stretched.clamp(0.0, 1.0)
-    unclamped = torch.sub(soft, stretched).abs_().sign_().neg_().add_(1)  # 1.0 where soft == stretched
-    return soft, sigmoid.mul_(1 - sigmoid).mul_(ZETA - GAMMA).mul_(unclamped)
+    return soft, sigmoid.mul_(1 - sigmoid).mul_(ZETA - GAMMA).mul_(equal_mask(soft, stretched))
 
 
 @dataclass
@@ -233,7 +237,7 @@ class Quantizer(nn.Module):
         # floor + h, h in [0, 1], is clamped only where floor is outside [qmin, qmax - 1] (or where h
         # is exactly 0 or 1, and there dh/dalpha is 0 anyway).
         shifted = floor + self.broadcast(self.zero_point, weight)
-        inside = torch.clamp(shifted, self.grid.qmin, self.grid.qmax - 1).sub_(shifted).abs_().sign_().neg_().add_(1)
+        inside = equal_mask(torch.clamp(shifted, self.grid.qmin, self.grid.qmax - 1), shifted)
         self.soft_rounding = SoftRounding(shifted, inside.mul_(scale), *rectified_sigmoid_with_slope(self.alpha.detach()))
 
     def harden(self) -> None:
