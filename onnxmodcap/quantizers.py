@@ -54,8 +54,8 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
 
 # The functions below build their 0/1 masks with arithmetic (abs, sign, clamp) rather than with
-# comparisons: on CPU, torch's comparisons and bool-to-float casts are about 10x slower than
-# float arithmetic, and they were the largest cost of a reconstruction iteration after the convolutions.
+# comparisons: on CPU, torch's comparisons are 6-10x slower than float arithmetic
+# (tools/bench_ops.py), and they were the largest cost of a reconstruction iteration after the convolutions.
 
 
 def equal_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
