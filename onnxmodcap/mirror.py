@@ -135,6 +135,11 @@ class UnitMirror(nn.Module):
         for module in self.quantizer_modules():
             module.enabled = enabled
 
+    def input_quantizers(self) -> list[nn.Module | None]:
+        """The activation quantizer of each unit input, in order (None where the input is not quantized)."""
+        keys = [self.quantizer_keys.get(name) for name in self.unit.inputs]
+        return [self.activation_quantizers[key] if key in self.activation_quantizers else None for key in keys]
+
     def quantized_weights(self) -> list[tuple[torch.Tensor, nn.Module]]:
         """(weight, its quantizer) for every quantized weight this unit reads."""
         return [(self.constant(name), self.weight_quantizers[key]) for name, key in self.quantizer_keys.items()

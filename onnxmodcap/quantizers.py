@@ -133,20 +133,16 @@ def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
     return random_bytes.neg_().add_(threshold).clamp_(0, 1)  # 1 where byte < threshold (integers)
 
 
-def drop_mix(quantized: torch.Tensor, float_value: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """QDrop: each element takes its float value with probability `drop_prob`, else its quantized one.
-    (torch.lerp with weight exactly 0 or 1 returns one of its ends exactly, and is the fastest blend.)"""
-    return torch.lerp(float_value, quantized, keep_mask(quantized, 1.0 - drop_prob))
-
-
 class LearnedStepQuantize(torch.autograd.Function):
     """LSQ fake quantization of a per-tensor activation, with QDrop's random mix folded in, as one
     autograd node. Straight-through rounding: d out/d x is 1 inside the grid and 0 where clamped;
     d out/d scale is round(v) - v inside and x_int - z where clamped (v = x / scale), times
-    `gradient_scale`. Dropped elements pass x through."""
+    `gradient_scale`. Where `keep` (a 0/1 tensor shaped like x, or None: keep all) is 0 the element
+    is dropped and passes x through. (torch.lerp with weight exactly 0 or 1 returns one of its ends
+    exactly, and is the fastest blend.)"""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, grid: Grid, gradient_scale: float, drop_prob: float):
+    def forward(ctx, x, scale, zero_point, grid: Grid, gradient_scale: float, keep: torch.Tensor | None):
         scaled = x / scale
         shifted = torch.round(scaled).add_(zero_point)
         clamped = shifted.clamp(grid.qmin, grid.qmax)
@@ -154,8 +150,7 @@ class LearnedStepQuantize(torch.autograd.Function):
         centred = clamped.sub_(zero_point)
         quantized = centred * scale
         scale_slope = centred.sub_(scaled.addcmul_(scaled, blocked, value=-1))  # inside the grid: round(v) - v
-        if drop_prob:
-            keep = keep_mask(x, 1.0 - drop_prob)
+        if keep is not None:
             quantized = torch.lerp(x, quantized, keep)
             blocked.mul_(keep)
             scale_slope.mul_(keep)
@@ -177,6 +172,8 @@ class Quantizer(nn.Module):
     - `learning`: straight-through rounding and an LSQ-scaled gradient for `scale`;
     - `alpha` (weights): AdaRound's rounding variables; soft (`soft_rounding`) until `harden()`;
     - `drop_prob` (with `learning`): QDrop, each element takes its float value with this probability;
+      `shared_keep`, when set, is the 0/1 mask to use instead of a fresh random one (see
+      `reconstruct.input_drop_masks`);
     - `enabled` False: the identity (the float model).
     """
 
@@ -190,6 +187,7 @@ class Quantizer(nn.Module):
         self.soft_rounding: SoftRounding | None = None
         self.learning = False
         self.drop_prob = 0.0
+        self.shared_keep: torch.Tensor | None = None
         self.enabled = True
 
     def broadcast(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -205,10 +203,16 @@ class Quantizer(nn.Module):
         scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         if self.learning and self.alpha is None:
             gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
-            return LearnedStepQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.drop_prob)
+            return LearnedStepQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.kept_elements(x))
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
             return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale
+
+    def kept_elements(self, x: torch.Tensor) -> torch.Tensor | None:
+        """QDrop's 0/1 mask of the elements that stay quantized in this forward, None without drop."""
+        if not self.drop_prob:
+            return None
+        return self.shared_keep if self.shared_keep is not None else keep_mask(x, 1.0 - self.drop_prob)
 
     def integer_values(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         if self.alpha is None:

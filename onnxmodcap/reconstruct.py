@@ -5,8 +5,10 @@ Units are reconstructed in order. Unit k's target is the float model's output of
 input; its input is the output of the already quantized units before it. The objective is the output
 error (summed over channels, averaged over batch and positions) plus AdaRound's rounding loss, which
 is off for the first 20 % of iterations and then anneals beta from 20 to 2 (BRECQ). QDrop also mixes,
-element by element with probability 0.5, the quantized and the float unit input, and inside the unit
-the quantized and float value of every activation quantizer.
+element by element with probability 0.5, the quantized and the float value of every activation
+quantizer inside the unit. The unit's input is mixed the same way: each element is either the
+quantized value of the quantized model's input or the float model's input (the quantizer of a unit
+input drops exactly the elements the mix took from the float input; see `input_drop_masks`).
 
 PD-Quant adds, on top of QDrop, the prediction difference: the unit's output on the quantized input
 (no drop) is carried through the rest of the network in float to the logits, and
@@ -23,6 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .checkpoint import Checkpointer
 from .mirror import NetworkMirror, UnitMirror, as_tuple
-from .quantizers import QuantizerSet, drop_mix
+from .quantizers import QuantizerSet, keep_mask
 
 METHODS = ("brecq", "qdrop", "pdquant")
 LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
@@ -503,14 +506,17 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     count = len(data.quantized_inputs[0])
     picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
     quantized = [t[picks].to(device) for t in data.quantized_inputs]
-    batch = quantized
+    batch, keeps = quantized, [None] * len(quantized)
     if settings.drops:
-        batch = [drop_mix(q, t[picks].to(device), settings.drop_prob) for q, t in zip(quantized, data.float_inputs)]
+        keeps = [keep_mask(q, 1.0 - settings.drop_prob) for q in quantized]
+        batch = [torch.lerp(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if data.rest else picks[:0]
     if len(carried):
         batch = [torch.cat((b, q[:len(carried)])) for b, q in zip(batch, quantized)]
-    outputs = as_tuple(unit(*batch))
+        keeps = [None if k is None else torch.cat((k, torch.ones_like(k[:len(carried)]))) for k in keeps]
+    with input_drop_masks(unit, keeps):
+        outputs = as_tuple(unit(*batch))
     loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
     if len(carried):
         logits = data.rest(tuple(o[len(picks):] for o in outputs), carried)
@@ -519,6 +525,23 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
     return loss
+
+
+@contextmanager
+def input_drop_masks(unit: UnitMirror, keeps: list[torch.Tensor | None]):
+    """QDrop at the unit's input, as published: an element is either the quantized value of the
+    quantized model's input or the float model's input. The input arrives already mixed (`keeps` is
+    1 where it took the quantized model's value), so each input's quantizer must quantize exactly
+    those elements; with a mask of its own it would also pass unquantized quantized-model values and
+    quantize float-model ones."""
+    shared = [(quantizer, keep) for quantizer, keep in zip(unit.input_quantizers(), keeps) if quantizer is not None]
+    for quantizer, keep in shared:
+        quantizer.shared_keep = keep
+    try:
+        yield
+    finally:
+        for quantizer, _ in shared:
+            quantizer.shared_keep = None
 
 
 def results_to_dicts(results: list[UnitResult]) -> list[dict]:

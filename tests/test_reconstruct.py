@@ -12,10 +12,15 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 import onnxmodcap
+from onnxmodcap import pipeline
+from onnxmodcap.reconstruct import CachedTensor, ReconstructionSettings, UnitData, start_training, training_loss
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -204,3 +209,51 @@ def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, unint
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after unit 2 " in resumed.stderr
     assert output.read_bytes() == uninterrupted
+
+
+def observed_unit_input(sim, unit, quantized: bool) -> torch.Tensor:
+    """The value of `unit`'s input on 64 calibration images, in the quantized or the float model."""
+    seen = {}
+    sim.mirror.observe(lambda name, value: seen.setdefault(name, value))
+    sim.mirror.set_quantization(quantized)
+    try:
+        with torch.no_grad():
+            sim.mirror(torch.from_numpy(sim.data.inputs[:64]))
+    finally:
+        sim.mirror.observe(None)
+        sim.mirror.set_quantization(True)
+    return seen[unit.unit.inputs[0]]
+
+
+def test_qdrop_unit_input_is_the_quantized_input_quantized_or_the_float_input(resnet, calib):
+    """QDrop as published: each element entering a unit is Q(x_q), the quantized model's input
+    quantized, or x_fp, the float model's input; never x_q unquantized nor Q(x_fp)."""
+    config = pipeline.QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=96)
+    sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
+    unit = sim.mirror.units[1]
+    [quantizer] = unit.input_quantizers()
+    assert quantizer.grid.bits == 4
+    x_fp, x_q = observed_unit_input(sim, unit, False), observed_unit_input(sim, unit, True)
+    with torch.no_grad():
+        unit.set_quantization(False)
+        target = unit(x_fp)
+        unit.set_quantization(True)
+    data = UnitData([CachedTensor(x_q)], [CachedTensor(x_fp)], [CachedTensor(target)], [CachedTensor(target)])
+    settings = ReconstructionSettings(method="qdrop", batch_size=64)
+    start_training(unit, settings)
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, 64, (64,), generator=torch.Generator().set_state(generator.get_state()))
+    entering = []
+    hook = quantizer.register_forward_hook(lambda module, args, output: entering.append(output.detach()))
+    try:
+        training_loss(unit, data, settings, torch.device("cpu"), generator, [], None)
+    finally:
+        hook.remove()
+    quantizer.drop_prob = 0.0
+    with torch.no_grad():
+        quantized_q = quantizer(x_q[picks])
+    [entered] = entering
+    from_quantized, from_float = entered == quantized_q, entered == x_fp[picks]
+    assert torch.all(from_quantized | from_float)
+    only_quantized, only_float = (from_quantized & ~from_float).sum(), (from_float & ~from_quantized).sum()
+    assert 0.45 < only_quantized / (only_quantized + only_float) < 0.55
