@@ -158,6 +158,8 @@ def format_evaluation(result) -> str:
 @click.option("--modcap-k", type=int, help="Adjacent pairs ModCap merges (default: about one per four blocks).")
 @click.option("--compare-granularity", is_flag=True,
               help="Also reconstruct without ModCap and report both loss curves (about twice the time).")
+@click.option("--round-lambda", type=float,
+              help="Weight of AdaRound's rounding loss (default 0.01, or 0.1 with depthwise convolutions).")
 @click.option("--pd-temperature", type=float,
               help="pdquant: KL temperature (default 4, or 1 for networks with depthwise convolutions).")
 @click.option("--pd-lambda", type=float, help="pdquant: lambda_r; the KL term is weighted 1/lambda_r (default 0.1).")

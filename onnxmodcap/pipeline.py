@@ -34,7 +34,7 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_BATCHES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, pd_defaults, reconstruct,
+    LOSS_BATCHES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, network_defaults, reconstruct,
     results_to_dicts, unit_errors,
 )
 from .validate import Validation, require_parity, validate
@@ -71,7 +71,9 @@ class QuantizeConfig:
     modcap: str | None = None  # off, data or free (None: DEFAULT_MODCAP when reconstructing, else off)
     modcap_k: int | None = None  # pairs merged (default: about one per four blocks)
     compare_granularity: bool = False  # also reconstruct without ModCap and report both
-    pd_temperature: float | None = None  # pdquant (default: by network, see reconstruct.pd_defaults)
+    round_lambda: float | None = None  # AdaRound's rounding loss weight (default: by network, see
+    # reconstruct.network_defaults)
+    pd_temperature: float | None = None  # pdquant (default: by network, as round_lambda)
     pd_lambda: float | None = None
     dc_lambda: float | None = None
     dc: bool = True
@@ -292,9 +294,9 @@ def result_affecting(config: QuantizeConfig) -> dict:
 
 def reconstruction_settings(config: QuantizeConfig, model) -> ReconstructionSettings:
     chosen = {**PRESETS[config.resolved_preset], "method": config.method, "batch_size": config.batch_size, "dc": config.dc,
-              **pd_defaults(has_depthwise_conv(model))}
-    given = {"iters": config.iters, "pd_temperature": config.pd_temperature, "pd_lambda": config.pd_lambda,
-             "dc_lambda": config.dc_lambda}
+              **network_defaults(has_depthwise_conv(model))}
+    given = {"iters": config.iters, "round_lambda": config.round_lambda, "pd_temperature": config.pd_temperature,
+             "pd_lambda": config.pd_lambda, "dc_lambda": config.dc_lambda}
     chosen.update({key: value for key, value in given.items() if value is not None})
     return ReconstructionSettings(**chosen)
 
@@ -321,7 +323,7 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError("--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant")
     if config.compare_granularity and config.granularity == "off":
         raise UserError("--compare-granularity compares against ModCap: give --modcap data or free")
-    for name in ("pd_temperature", "pd_lambda", "dc_lambda"):
+    for name in ("round_lambda", "pd_temperature", "pd_lambda", "dc_lambda"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")

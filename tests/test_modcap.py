@@ -121,7 +121,8 @@ def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inp
     assert corrections["stem"] == "applied (1 BatchNormalization statistics)"
     assert all(corrections[name].startswith("applied (") for name in names[:-1])
     assert corrections["head"] == "skipped: no BatchNormalization statistics inside the unit"
-    assert result.report["reconstruction_settings"]["pd_temperature"] == 4.0
+    settings = result.report["reconstruction_settings"]
+    assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (4.0, 0.02, 0.01)
     assert result.report["distribution_correction"] == "on: 20 BatchNormalization statistics recorded by prepare"
 
 
@@ -152,7 +153,15 @@ def test_pdquant_without_bn_statistics_says_so_and_skips_the_correction(exported
         "skipped: the graph has no BatchNormalization statistics (BN was folded before export)")
     assert {u["distribution_correction"] for u in result.report["reconstruction"]} == {
         "skipped: no BatchNormalization statistics inside the unit"}
-    assert result.report["reconstruction_settings"]["pd_temperature"] == 1.0  # depthwise convolutions
+    settings = result.report["reconstruction_settings"]  # depthwise convolutions: the MobileNet recipes
+    assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (1.0, 0.005, 0.1)
+
+
+def test_round_lambda_overrides_the_network_default(exported_model, calib, tmp_path):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    result = onnxmodcap.quantize(path, calib, bits=4, method="brecq", modcap="off", iters=2, num_calib=96,
+                                 round_lambda=0.05, output=str(tmp_path / "q.onnx"))
+    assert result.report["reconstruction_settings"]["round_lambda"] == 0.05
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -160,6 +169,7 @@ def test_pdquant_without_bn_statistics_says_so_and_skips_the_correction(exported
     (["--method", "qdrop", "--modcap", "off", "--compare-granularity"],
      "--compare-granularity compares against ModCap: give --modcap data or free"),
     (["--method", "pdquant", "--pd-lambda", "0"], "--pd-lambda must be positive, got 0.0"),
+    (["--method", "brecq", "--round-lambda", "-1"], "--round-lambda must be positive, got -1.0"),
     (["--method", "qdrop", "--modcap", "free", "--modcap-k", "0"], "--modcap-k must be at least 1, got 0"),
 ])
 def test_bad_options_give_one_error_line(calib, tmp_path, options, message):
