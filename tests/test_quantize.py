@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from zoo import ZOO
@@ -18,9 +20,10 @@ from onnxmodcap.check import check_tensorrt
 from onnxmodcap.cli import main
 from onnxmodcap.errors import UserError
 from onnxmodcap.export import export_qdq
-from onnxmodcap.validate import MIN_EXACT_IMAGES
+from onnxmodcap.validate import MIN_EXACT_IMAGES, other_convolution_order
 
 CALIB, PARITY = 96, 64
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +247,25 @@ def test_a_wrong_export_fails_validation_and_writes_nothing(resnet, calib_tensor
     message = result.output.strip().splitlines()[-1]
     assert message.startswith("error: parity check failed: only ") and message.endswith("; nothing was written")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_convolution_order_changes_torchs_sums_and_nothing_after():
+    x, weight = torch.randn(4, 64, 16, 16), torch.randn(64, 64, 3, 3)
+    usual = torch.nn.functional.conv2d(x, weight)
+    with other_convolution_order(torch.device("cpu")):
+        reordered = torch.nn.functional.conv2d(x, weight)
+    assert not torch.equal(usual, reordered)
+    torch.testing.assert_close(usual, reordered, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.nn.functional.conv2d(x, weight), usual)
+
+
+def test_a_model_with_many_rounding_flips_passes_parity_against_torchs_own_noise(tmp_path):
+    """The shipped RegNetX at W2A4 after 200 BRECQ iterations (seed 2): its values sit on rounding
+    boundaries, and on the 2-core CI machine 17 of 64 images differ between ONNX Runtime and the
+    simulation by a flip. A 1e-5 input nudge moves nothing (the 8-bit input grid matches the image
+    pixels), so this failed parity until torch's own noise across convolution orders was measured:
+    it moves the simulation as far as ONNX Runtime differs from it."""
+    result = onnxmodcap.quantize(SHIPPED / "regnetx.onnx", SHIPPED / "calib", wbits=2, abits=4, method="brecq",
+                                 modcap="off", iters=200, seed=2, output=str(tmp_path / "q.onnx"))
+    assert result.validation.parity_ok
+    assert result.output.exists()

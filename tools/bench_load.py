@@ -99,7 +99,7 @@ def run_quantize(command: list[str], out: Path, work_dir: Path, report_path: Pat
 def parity_line(validation: dict) -> str:
     return (f"parity_ok={validation['parity_ok']}: {validation['exact_images']:.1%} of {validation['images']} images "
             f"within {validation['parity_tolerance']:g} ({validation['provider']}), max relative diff "
-            f"{validation['max_abs_diff_relative']:.2e}, {validation['noise_ratio']:.3g}x ONNX Runtime's rounding noise, "
+            f"{validation['max_abs_diff_relative']:.2e}, {validation['noise_ratio']:.3g}x the rounding noise, "
             f"argmax agreement {validation['argmax_agreement']:.1%}; "
             f"float top-1 agreement {validation['float_top1_agreement']:.1%}, cosine {validation['float_cosine']:.4f}")
 

@@ -1,0 +1,89 @@
+"""How validation's parity rule sees models whose rounding flips many images: the gap between ONNX
+Runtime and the simulation against the two rounding noises it is compared with.
+
+    OMP_NUM_THREADS=2 python tools/bench_parity.py [--out /tmp/bench_parity] [--case regnetx ...]
+
+Cases (all by default):
+- regnetx: the shipped RegNetX at W2A4 after 200 BRECQ iterations per unit, seed 2, all shipped
+  calibration images (the parity images are calibration images);
+- resnet50: the 224x224 ResNet-50 of tools/bench_load.py, RTN W4A4, 64 of 128 of its JPEG images
+  for calibration, the other 64 for parity;
+- chain: tools/bench_large_model.py's plain chain of 40 convolutions 1024 -> 1024 (no residuals, no
+  BN; 1.5 GB of weights), RTN W4A4 with min-max initialisation, 64 of 128 random tensors.
+
+Each case runs `onnxmodcap.quantize` as a user would; a parity failure is printed as its error
+line. The last lines printed are a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import onnxmodcap
+from onnxmodcap.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import bench_large_model  # noqa: E402
+import bench_load  # noqa: E402
+import zoo  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+
+
+def regnetx(out: Path) -> tuple[Path, Path, dict]:
+    return SHIPPED / "regnetx.onnx", SHIPPED / "calib", {"wbits": 2, "abits": 4, "method": "brecq", "modcap": "off",
+                                                         "iters": 200, "seed": 2}
+
+
+def resnet50(out: Path) -> tuple[Path, Path, dict]:
+    model = out / "resnet50.onnx"
+    zoo.export_legacy(bench_load.build_resnet50(), model, bench_load.INPUT_SHAPE, opset=17, keep_bn=True)
+    bench_load.write_images(out / "resnet50_calib", 128)
+    return model, out / "resnet50_calib", {"bits": 4, "method": "rtn", "num_calib": 64}
+
+
+def chain(out: Path) -> tuple[Path, Path, dict]:
+    model = out / "chain.onnx"
+    bench_large_model.write_model(model, width=1024, layers=40)
+    calib = out / "chain_calib.npy"
+    side = bench_large_model.SIDE
+    np.save(calib, np.random.default_rng(0).standard_normal((128, 3, side, side)).astype(np.float32))
+    return model, calib, {"bits": 4, "method": "rtn", "init": "minmax", "num_calib": 64}
+
+
+CASES = {"regnetx": regnetx, "resnet50": resnet50, "chain": chain}
+
+
+def measure(name: str, out: Path) -> str:
+    model, calib, options = CASES[name](out)
+    started = time.monotonic()
+    try:
+        v = onnxmodcap.quantize(model, calib, output=str(out / f"{name}.quant.onnx"), **options).validation
+    except UserError as err:
+        return f"| {name} | {options} | error: {err} |||||||| {time.monotonic() - started:.0f} |"
+    return (f"| {name} | {options} | {v.exact_images:.1%} | {v.max_abs_diff_relative:.2e} | {v.gap:.3g} "
+            f"| {v.ort_noise:.3g} | {v.torch_noise:.3g} | {v.noise_ratio:.3g} | {v.argmax_agreement:.1%} "
+            f"| {'ok' if v.parity_ok else 'FAILED'} | {time.monotonic() - started:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_parity"), help="folder for every file")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="case to run (repeatable; default all)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [measure(name, args.out) for name in args.case or list(CASES)]
+    print("| case | options | images within 1e-4 | max diff | gap | ort_noise | torch_noise | noise ratio "
+          "| argmax agreement | parity | wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
