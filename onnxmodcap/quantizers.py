@@ -161,8 +161,10 @@ class LearnedStepQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         blocked, scale_slope = ctx.saved_tensors
-        grad_scale = (grad * scale_slope).sum() * ctx.gradient_scale
-        return torch.addcmul(grad, grad, blocked, value=-1), grad_scale, None, None, None, None
+        grad_scale = grad.reshape(-1).dot(scale_slope.reshape(-1)) * ctx.gradient_scale  # one pass, no product tensor
+        # A unit's input quantizer reads cached data, which needs no gradient.
+        grad_x = torch.addcmul(grad, grad, blocked, value=-1) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_scale, None, None, None, None
 
 
 class Quantizer(nn.Module):

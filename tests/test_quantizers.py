@@ -61,6 +61,18 @@ def test_lsq_node_matches_the_autograd_formula(grid):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_lsq_node_on_an_input_without_gradient_still_learns_its_step_size():
+    """A unit's input quantizer reads cached data: only its step size gets a gradient."""
+    torch.manual_seed(0)
+    grid = Grid.asymmetric(4)
+    x = torch.randn(4, 3, 5, 5) * 2
+    upstream = torch.randn_like(x)
+    quantizer, reference = (learning_activation_quantizer(grid, 0.3, 3.0) for _ in range(2))
+    [got] = gradients(quantizer(x), upstream, quantizer.scale)
+    [want] = gradients(reference_lsq(x, reference), upstream, reference.scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_qdrop_inside_the_lsq_node_mixes_float_and_quantized_values():
     torch.manual_seed(0)
     grid = Grid.asymmetric(4)
