@@ -99,18 +99,18 @@ def render(args) -> None:
     records = read_records(args.results)
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault(key(record)[:6], []).append(record)
-    lines = ["| model | W/A | method | modcap | iters/unit | seeds | top-1 % mean ± sd | per seed | "
+        groups.setdefault((*key(record)[:6], record["code"]), []).append(record)
+    lines = ["| model | W/A | method | modcap | iters/unit | code | seeds | top-1 % mean ± sd | per seed | "
              "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, wbits, abits, method, modcap, iters), rows in sorted(groups.items(), key=lambda item: str(item[0])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, wbits, abits, method, modcap, iters, code), rows in sorted(groups.items(), key=lambda item: str(item[0])):
         rows.sort(key=lambda r: r["seed"])
         top1 = [100 * r["top1"] for r in rows]
         spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
         mean = lambda field: statistics.fmean(r[field] for r in rows)  # noqa: E731
         oscillation = f"{mean('oscillation'):.3f}" if rows[0]["oscillation"] is not None else "–"
         merged = "; ".join("+".join(g) for g in rows[0]["merged"]) if rows[0]["merged"] else "–"
-        lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {len(rows)} | "
+        lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {code} | {len(rows)} | "
                      f"{statistics.fmean(top1):.2f} ± {spread:.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
                      f"{oscillation} | {mean('quantize_seconds'):.0f} | {mean('reconstruction_seconds'):.0f} | "
                      f"{mean('correction_seconds'):.0f} | {merged} |")

@@ -66,9 +66,9 @@ def measure(name: str, out: Path) -> str:
     try:
         v = onnxmodcap.quantize(model, calib, output=str(out / f"{name}.quant.onnx"), **options).validation
     except UserError as err:
-        return f"| {name} | {options} | error: {err} |||||||| {time.monotonic() - started:.0f} |"
+        return f"| {name} | {options} | error: {err} ||||||||| {time.monotonic() - started:.0f} |"
     return (f"| {name} | {options} | {v.exact_images:.1%} | {v.max_abs_diff_relative:.2e} | {v.gap:.3g} "
-            f"| {v.ort_noise:.3g} | {v.torch_noise:.3g} | {v.noise_ratio:.3g} | {v.argmax_agreement:.1%} "
+            f"| {v.ort_noise:.3g} | {v.torch_noise:.3g} | {v.noise_ratio:.3g} | {v.argmax_agreement:.1%} | {v.torch_argmax_agreement:.1%} "
             f"| {'ok' if v.parity_ok else 'FAILED'} | {time.monotonic() - started:.0f} |")
 
 
@@ -80,8 +80,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [measure(name, args.out) for name in args.case or list(CASES)]
     print("| case | options | images within 1e-4 | max diff | gap | ort_noise | torch_noise | noise ratio "
-          "| argmax agreement | parity | wall s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| argmax agreement | torch argmax agreement | parity | wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     print("\n".join(rows))
 
 
