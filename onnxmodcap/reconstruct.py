@@ -202,8 +202,8 @@ class FloatRest:
         self.device = device
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> torch.Tensor:
-        env = {name: t[picks].to(self.device) for name, t in self.others.items()}
-        env.update(zip(self.outputs, outputs))
+        env = dict(zip(self.others, channels_last([t[picks].to(self.device) for t in self.others.values()])))
+        env.update(zip(self.outputs, channels_last(outputs)))
         for unit in self.units:
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
         return env[self.logits_name]
@@ -385,6 +385,14 @@ def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.d
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
             yield tuple(r.cpu() for r in as_tuple(result))
+
+
+def channels_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Image-shaped (4-D) tensors in channels-last memory layout, the same values. The few images
+    PD-Quant carries through the rest of the network go forward and backward through many small
+    convolutions, which oneDNN runs in 0.5-0.7x the time in this layout (benchmarks_modcap.md,
+    round 3); a unit's own batch of 32 runs no faster in it, so only the rest takes it."""
+    return [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
 
 
 def output_error(outputs, targets) -> torch.Tensor:

@@ -5,7 +5,8 @@
 For every unit, at the same batch size, it times (median of --steps after --warmup):
 - float: the unit without quantizers, forward, output-error loss, backward to the float weights;
 - iteration: one reconstruction step as `onnxmodcap quantize --method ...` runs it (QDrop mixing,
-  AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates).
+  AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates; with pdquant also the
+  prediction difference, --pd-batch-size images carried through the rest of the float network).
 The two take turns step by step. It prints a markdown table with the ratio iteration / float.
 """
 
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from onnxmodcap.pipeline import QuantizeConfig, simulate
-from onnxmodcap.reconstruct import (ReconstructionSettings, TensorCache, TensorStream, UnitData, output_error,
-                                    start_training, training_loss)
+from onnxmodcap.pipeline import QuantizeConfig, pdquant_inputs, simulate
+from onnxmodcap.reconstruct import (PRESETS, CachedTensor, FloatRest, ReconstructionSettings, TensorCache, TensorStream,
+                                    UnitData, output_error, run_in_batches, start_training, training_loss)
 
 
 def median_ms(actions, steps: int, warmup: int) -> list[float]:
@@ -56,7 +57,9 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--calib", type=Path, required=True)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--method", choices=["brecq", "qdrop"], default="qdrop")
+    parser.add_argument("--method", choices=["brecq", "qdrop", "pdquant"], default="qdrop")
+    parser.add_argument("--pd-batch-size", type=int, default=PRESETS["fast"]["pd_batch_size"],
+                        help="pdquant: images carried to the logits (default: the fast preset's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -65,11 +68,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     config = QuantizeConfig(bits=args.bits, method=args.method, batch_size=args.batch_size, num_calib=256)
-    sim = simulate(args.model, args.calib, config, torch.device("cpu"))
-    settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size)
+    cpu = torch.device("cpu")
+    sim = simulate(args.model, args.calib, config, cpu)
+    settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
     generator = torch.Generator().manual_seed(0)
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
-    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
+    images = torch.from_numpy(sim.data.inputs)
+    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: images})
+    if args.method == "pdquant":
+        float_mirror = pdquant_inputs(sim, sim.mirror, cpu).float_mirror
+        [logits] = cache.store(run_in_batches(float_mirror, [CachedTensor(images)], cpu), len(images))
     print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
     print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
@@ -77,15 +85,16 @@ def main() -> None:
     ratios = []
     for index, unit in enumerate(sim.mirror.units):
         inputs = stream.inputs_of(unit)
-        outputs = stream.advance(index, unit, quantized=False, device=torch.device("cpu"))
+        outputs = stream.advance(index, unit, quantized=False, device=cpu)
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
-        data = UnitData(inputs, inputs, outputs, outputs)
+        rest = FloatRest(float_mirror, index, stream, logits, cpu) if args.method == "pdquant" else None
+        data = UnitData(inputs, inputs, outputs, outputs, rest=rest)
         training = start_training(unit, settings)
 
         def iteration():
             unit.set_quantization(True)
-            training.step(training_loss(unit, data, settings, torch.device("cpu"), generator,
+            training.step(training_loss(unit, data, settings, cpu, generator,
                                         training.weights, beta=10.0 if training.weights else None))
 
         float_ms, iteration_ms = median_ms([float_step(unit, batch, targets), iteration], args.steps, args.warmup)
