@@ -109,7 +109,9 @@ def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, 
     output, work, log = tmp_path / "q.onnx", tmp_path / "work", tmp_path / "stderr.txt"
     before = resnet.read_bytes()
     with open(log, "w") as stream:  # a file, not a pipe: progress bars would fill a pipe nobody reads yet
-        process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=stream, text=True)
+        # A shell's background job (`.ci/run &`) ignores SIGINT, and so would its children: let this one take it.
+        process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=stream, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for_checkpoint(work, 3, process)
         os.kill(process.pid, how)
         process.wait(timeout=120)
