@@ -81,8 +81,8 @@ class Validation:
 
     def noise_text(self) -> str:
         if np.isinf(self.noise_ratio):  # neither perturbation moved an output: no noise to compare with
-            return ("not within rounding noise (none: a 1e-5 input nudge and another convolution order moved "
-                    "no output)")
+            return ("not comparable with rounding noise (neither a 1e-5 input nudge nor another convolution "
+                    "order moved any output)")
         return f"{self.noise_ratio:.3g}x the rounding noise"
 
     def summary(self) -> str:
