@@ -132,8 +132,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
         logits = None
         if settings.method == "pdquant":
-            [logits] = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))],
-                                                  device), len(inputs))
+            logits = float_logits(prediction.float_mirror, inputs, cache, device)
         with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
@@ -187,6 +186,13 @@ class UnitData:
     correction: str = ""
     correction_seconds: float = 0.0
     temporary: list[CachedTensor] = field(default_factory=list)  # released after the unit
+
+
+def float_logits(float_mirror: NetworkMirror, inputs: np.ndarray, cache: TensorCache,
+                 device: torch.device) -> CachedTensor:
+    """The float network's logits of every calibration image, the target of PD-Quant's KL term."""
+    [logits] = cache.store(run_in_batches(float_mirror, [CachedTensor(torch.from_numpy(inputs))], device), len(inputs))
+    return logits
 
 
 class FloatRest:

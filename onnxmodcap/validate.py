@@ -54,12 +54,19 @@ class Validation:
     gap: float  # ||ORT - simulation|| over all parity outputs
     ort_noise: float  # ||ORT(perturbed input) - ORT||
     torch_noise: float  # ||simulation(other convolution order) - simulation||
-    noise_ratio: float  # gap / the larger noise
     argmax_agreement: float
     torch_argmax_agreement: float  # of the simulation with itself across convolution orders
     float_top1_agreement: float
     float_kl: float
     float_cosine: float
+
+    @property
+    def noise_ratio(self) -> float:
+        """The gap as a multiple of the larger noise (inf where a gap meets no noise at all)."""
+        noise = max(self.ort_noise, self.torch_noise)
+        if noise > 0:
+            return self.gap / noise
+        return 0.0 if self.gap == 0 else float("inf")
 
     @property
     def within_noise(self) -> bool:
@@ -77,7 +84,8 @@ class Validation:
         return self.within_noise and self.predictions_agree
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "parity_ok": self.parity_ok, "parity_tolerance": PARITY_TOLERANCE}
+        return {**asdict(self), "noise_ratio": self.noise_ratio, "parity_ok": self.parity_ok,
+                "parity_tolerance": PARITY_TOLERANCE}
 
     def noise_text(self) -> str:
         if np.isinf(self.noise_ratio):  # neither perturbation moved an output: no noise to compare with
@@ -105,10 +113,6 @@ def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.
     sim_logits = simulated_outputs(mirror, batches, device)
     with other_convolution_order(device):
         reordered_logits = simulated_outputs(mirror, batches, device)
-    gap = float(np.linalg.norm(ort_logits - sim_logits))
-    ort_noise = float(np.linalg.norm(perturbed_logits - ort_logits))
-    torch_noise = float(np.linalg.norm(reordered_logits - sim_logits))
-    noise_level = max(ort_noise, torch_noise)
     output_range = float(sim_logits.max() - sim_logits.min()) or 1.0
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     per_image = np.abs(flat(ort_logits) - flat(sim_logits)).max(axis=1)
@@ -116,8 +120,9 @@ def validate(exported: str, float_model: str, mirror: NetworkMirror, inputs: np.
         images=len(inputs), held_out=held_out, provider=used_provider,
         max_abs_diff=float(per_image.max()), max_abs_diff_relative=float(per_image.max()) / output_range,
         exact_images=float((per_image <= PARITY_TOLERANCE * output_range).mean()),
-        gap=gap, ort_noise=ort_noise, torch_noise=torch_noise,
-        noise_ratio=gap / noise_level if noise_level > 0 else (0.0 if gap == 0 else float("inf")),
+        gap=float(np.linalg.norm(ort_logits - sim_logits)),
+        ort_noise=float(np.linalg.norm(perturbed_logits - ort_logits)),
+        torch_noise=float(np.linalg.norm(reordered_logits - sim_logits)),
         argmax_agreement=agreement(ort_logits, sim_logits),
         torch_argmax_agreement=agreement(reordered_logits, sim_logits),
         float_top1_agreement=agreement(ort_logits, float_logits),

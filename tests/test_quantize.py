@@ -279,7 +279,7 @@ def test_a_model_with_many_rounding_flips_passes_parity_against_torchs_own_noise
 ])
 def test_top1_changes_are_judged_against_torchs_own(argmax, torch_argmax, failure):
     validation = Validation(images=64, held_out=True, provider="cpu", max_abs_diff=0.1, max_abs_diff_relative=0.01,
-                            exact_images=0.5, gap=1.0, ort_noise=0.0, torch_noise=1.0, noise_ratio=1.0,
+                            exact_images=0.5, gap=1.0, ort_noise=0.0, torch_noise=1.0,
                             argmax_agreement=argmax, torch_argmax_agreement=torch_argmax, float_top1_agreement=0.9,
                             float_kl=0.1, float_cosine=0.9)
     if failure is None:

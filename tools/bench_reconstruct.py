@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from onnxmodcap.pipeline import QuantizeConfig, pdquant_inputs, simulate
-from onnxmodcap.reconstruct import (PRESETS, CachedTensor, FloatRest, ReconstructionSettings, TensorCache, TensorStream,
-                                    UnitData, output_error, run_in_batches, start_training, training_loss)
+from onnxmodcap.reconstruct import (PRESETS, FloatRest, ReconstructionSettings, TensorCache, TensorStream, UnitData,
+                                    float_logits, output_error, start_training, training_loss)
 
 
 def median_ms(actions, steps: int, warmup: int) -> list[float]:
@@ -73,11 +73,10 @@ def main() -> None:
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
     generator = torch.Generator().manual_seed(0)
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
-    images = torch.from_numpy(sim.data.inputs)
-    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: images})
+    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
     if args.method == "pdquant":
         float_mirror = pdquant_inputs(sim, sim.mirror, cpu).float_mirror
-        [logits] = cache.store(run_in_batches(float_mirror, [CachedTensor(images)], cpu), len(images))
+        logits = float_logits(float_mirror, sim.data.inputs, cache, cpu)
     print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
     print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
