@@ -396,8 +396,9 @@ def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.d
 def channels_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Image-shaped (4-D) tensors in channels-last memory layout, the same values. The few images
     PD-Quant carries through the rest of the network go forward and backward through many small
-    convolutions, which oneDNN runs in 0.5-0.7x the time in this layout (benchmarks_modcap.md,
-    round 3); a unit's own batch of 32 runs no faster in it, so only the rest takes it."""
+    convolutions, which oneDNN runs faster in this layout: a whole PD-Quant iteration takes 0.72-0.73x
+    the time (benchmarks_modcap.md, round 3). A unit's own batch of 32 runs no faster in it, so only
+    the rest takes it."""
     return [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
 
 
