@@ -20,7 +20,7 @@ from onnxmodcap.modcap import choose_groups, data_capacities, merge_units, oscil
 from onnxmodcap.partition import Unit
 from onnxmodcap.pipeline import QuantizeConfig, simulate
 from onnxmodcap.reconstruct import (
-    CachedTensor, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, statistics_error,
+    CachedTensor, ChannelMoments, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, statistics_error,
 )
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
@@ -106,6 +106,15 @@ def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_
 
     # the penalty ||X_c - X||^2 / lambda_c holds the correction back: without it, the statistics move further
     assert error(correct(1e6)) < error(correct(0.02)) < error(images[:])
+
+
+def test_channel_moments_match_torch_mean_and_variance_and_their_gradients():
+    generator = torch.Generator().manual_seed(0)
+    values = (torch.randn(3, 4, 25, generator=generator, dtype=torch.float64) * 3 + 5).requires_grad_(True)
+    mean, variance = ChannelMoments.apply(values)
+    torch.testing.assert_close(mean, values.mean(2))
+    torch.testing.assert_close(variance, values.var(2))
+    assert torch.autograd.gradcheck(ChannelMoments.apply, (values,))
 
 
 def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inputs(exported_model, calib, tmp_path):
