@@ -33,11 +33,11 @@ from .mirror import NetworkMirror
 from .partition import float_layers
 from .prepare import PreparedModel
 from .quantizers import Grid, Quantizer, QuantizerSet
+from .runtime import QUANTIZATION_METADATA_KEY
 from .weights import Weights, detach_large, used_weights
 
 FORMATS = ("qdq", "native")
 QDQ_OPSET = 13
-METADATA_KEY = "onnxmodcap.quantization"
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     detach_large(model, weights)
     model = with_opset(model, opset)
     entries = {p.key: p.value for p in model.metadata_props}
-    entries[METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt, "target": target,
+    entries[QUANTIZATION_METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt, "target": target,
                                         **metadata})
     del model.metadata_props[:]
     for key, value in entries.items():

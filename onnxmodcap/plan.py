@@ -25,6 +25,7 @@ from .quantizers import Grid
 TARGETS = ("ort", "tensorrt")
 MIN_BITS, MAX_BITS = 2, 8
 END_BITS = 8
+ORT_WEIGHT_BITS = 7  # the widest weight range ONNX Runtime's x86 int8 kernels add without saturating (weight_grid)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,15 @@ class QuantPlan:
 
 
 def weight_grid(target: str, bits: int) -> Grid:
-    """8-bit and TensorRT weights are symmetric int8 (what int8 kernels take); below 8 bits the
-    ORT target uses the more accurate asymmetric grid, which still fits an int8 container."""
-    return Grid.signed(bits) if target == "tensorrt" or bits == 8 else Grid.asymmetric(bits)
+    """TensorRT: symmetric int8. ORT: weights never use more than 7 bits' range, because ONNX
+    Runtime's int8 kernels on x86 CPUs without VNNI (MLAS's AVX2 path) add pairs of u8 x s8
+    products in int16, which saturates once a weight integer exceeds 64 in magnitude: a fused
+    Conv then lands up to a hundred output steps away from the simulation (benchmarks_reliability.md).
+    This is ORT's own `reduce_range`. So 7- and 8-bit weights are symmetric on [-64, 63]; below that
+    the more accurate asymmetric grid, whose stored q - z stays within 63."""
+    if target == "tensorrt":
+        return Grid.signed(bits)
+    return Grid.signed(ORT_WEIGHT_BITS) if bits >= ORT_WEIGHT_BITS else Grid.asymmetric(bits)
 
 
 def activation_grid(target: str, bits: int, nonnegative: bool) -> Grid:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import onnxruntime as ort
 
 from .errors import UserError
 
+# A TensorRT-target model keeps full-range int8 weights. ONNX Runtime's CPU int8 kernels on x86
+# without VNNI saturate on those (plan.weight_grid), so such a model runs with its Q/DQ as written:
+# the arithmetic TensorRT's int8 kernels carry out exactly.
+TENSORRT_NOTE = ("note: the model targets TensorRT; ONNX Runtime runs its Q/DQ as written, without fusing them "
+                 "into its CPU int8 kernels")
+QUANTIZATION_METADATA_KEY = "onnxmodcap.quantization"  # how onnxmodcap quantized a model (export.py)
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
@@ -28,6 +37,11 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+        if targets_tensorrt(session):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+            if session_provider(session) == "cpu":
+                print(TENSORRT_NOTE, file=sys.stderr)
     except Exception as err:  # onnxruntime raises its own exception types per failure kind
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ONNX Runtime cannot load the model: {message}") from err
@@ -36,6 +50,15 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     if provider == "cuda" and session_provider(session) != "cuda":
         raise UserError("--provider cuda requested but the CUDA execution provider failed to load")
     return session
+
+
+def targets_tensorrt(session: ort.InferenceSession) -> bool:
+    """Whether onnxmodcap quantized the model for TensorRT (its metadata says so)."""
+    written = session.get_modelmeta().custom_metadata_map.get(QUANTIZATION_METADATA_KEY)
+    try:
+        return json.loads(written).get("target") == "tensorrt" if written else False
+    except (ValueError, AttributeError):
+        return False
 
 
 def session_provider(session: ort.InferenceSession) -> str:
