@@ -283,8 +283,8 @@ def statistics_error(values: dict[str, torch.Tensor], targets: dict[str, tuple[t
 
 class ChannelMoments(torch.autograd.Function):
     """Mean and unbiased variance over the last axis of an images x channels x positions tensor:
-    two reductions forward, one fused pass backward. torch's own var and its backward took a third
-    of distribution correction's time, six times this (benchmarks_modcap.md, round 4)."""
+    two reductions forward, one fused pass backward. torch's own var and its backward were the
+    largest item of distribution correction's time (benchmarks_modcap.md, round 4)."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor):
