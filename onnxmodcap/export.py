@@ -131,8 +131,8 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     detach_large(model, weights)
     model = with_opset(model, opset)
     entries = {p.key: p.value for p in model.metadata_props}
-    entries[QUANTIZATION_METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt, "target": target,
-                                        **metadata})
+    entries[QUANTIZATION_METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt,
+                                                     "target": target, **metadata})
     del model.metadata_props[:]
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)

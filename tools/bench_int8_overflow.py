@@ -17,14 +17,14 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-OUTPUT_SCALE = 0.05
+INPUT_SCALE, OUTPUT_SCALE = 0.01, 0.05
 CHANNELS = 16
 
 
 def conv_model(activation_type, weight_bound: int) -> bytes:
     weights = np.random.default_rng(0).integers(-weight_bound, weight_bound + 1, (32, CHANNELS, 3, 3)).astype(np.int8)
     weights[:, :, 0, :2] = weight_bound
-    constants = {"x_scale": np.array(0.01, np.float32), "x_zero": np.array(0, activation_type), "w": weights,
+    constants = {"x_scale": np.array(INPUT_SCALE, np.float32), "x_zero": np.array(0, activation_type), "w": weights,
                  "w_scale": np.full(32, 0.001, np.float32), "w_zero": np.zeros(32, np.int8),
                  "y_scale": np.array(OUTPUT_SCALE, np.float32), "y_zero": np.array(0, activation_type)}
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
@@ -56,7 +56,7 @@ def main() -> None:
     for activation_type, values in ((np.uint8, (2.55, 1.5)), (np.int8, (1.27, 0.07))):
         for value in values:
             for bound in (127, 65, 64):
-                print(f"| {activation_type.__name__} | {value} ({round(value / 0.01)}) | {bound} | "
+                print(f"| {activation_type.__name__} | {value} ({round(value / INPUT_SCALE)}) | {bound} | "
                       f"{steps_apart(conv_model(activation_type, bound), value):.0f} |")
 
 
