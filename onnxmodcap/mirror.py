@@ -148,6 +148,8 @@ class UnitMirror(nn.Module):
     def read_constant(self, name: str) -> torch.Tensor:
         value = self.constant(name)
         key = self.quantizer_keys.get(name)
+        if key is None:  # the common case of a float network; skips the ModuleDict lookups
+            return value
         if key in self.weight_quantizers:
             return self.weight_quantizers[key](value)
         if key in self.bias_quantizers:
@@ -159,7 +161,7 @@ class UnitMirror(nn.Module):
         if self.observer is not None:
             self.observer(name, value)
         key = self.quantizer_keys.get(name)
-        if key not in self.activation_quantizers:
+        if key is None or key not in self.activation_quantizers:
             return value
         floats[name] = value
         return self.activation_quantizers[key](value)
