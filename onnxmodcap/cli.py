@@ -153,8 +153,8 @@ def format_evaluation(result) -> str:
                    "prediction difference and distribution correction.")
 @click.option("--modcap", type=click.Choice(["off", "data", "free"]),
               help="Reconstruct the adjacent units that differ most in capacity jointly: data (measured "
-                   f"output error) or free (parameters x bits). Default: {DEFAULT_MODCAP} with a "
-                   "reconstruction method, off with rtn.")
+                   f"output error) or free (parameters x bits). Default: {DEFAULT_MODCAP} (always off with "
+                   "rtn).")
 @click.option("--modcap-k", type=int, help="Adjacent pairs ModCap merges (default: about one per four blocks).")
 @click.option("--compare-granularity", is_flag=True,
               help="Also reconstruct without ModCap and report both loss curves (about twice the time).")

@@ -2,5 +2,5 @@
 best on the shipped models (benchmarks_modcap.md). Kept apart so the CLI can show them without
 importing torch."""
 
-DEFAULT_METHOD = "brecq"
-DEFAULT_MODCAP = "data"
+DEFAULT_METHOD = "qdrop"
+DEFAULT_MODCAP = "off"
