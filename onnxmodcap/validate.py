@@ -94,8 +94,8 @@ class Validation:
         return f"{self.noise_ratio:.3g}x the rounding noise"
 
     def summary(self) -> str:
-        held = "held-out" if self.held_out else "calibration (no held-out images left)"
-        return (f"parity on {self.images} {held} images ({self.provider}): {self.exact_images:.1%} of images "
+        held = "held-out images" if self.held_out else "calibration images (no held-out images left)"
+        return (f"parity on {self.images} {held} ({self.provider}): {self.exact_images:.1%} of images "
                 f"within {PARITY_TOLERANCE:g} of the output range, max diff {self.max_abs_diff_relative:.2e}, "
                 f"argmax agreement {self.argmax_agreement:.1%}, {self.noise_text()}\n"
                 f"fidelity to the float model: top-1 agreement {self.float_top1_agreement:.1%}, "
