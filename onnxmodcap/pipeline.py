@@ -34,7 +34,7 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_BATCHES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, network_defaults, reconstruct,
+    LOSS_IMAGES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, network_defaults, reconstruct,
     results_to_dicts, unit_errors,
 )
 from .validate import Validation, require_parity, validate
@@ -216,7 +216,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     without ModCap (after the main run, from the same initial quantizers). Returns the report's
     reconstruction sections and the mirror whose units were reconstructed."""
     settings = reconstruction_settings(config, sim.prepared.model)
-    loss_images = sim.data.inputs[:LOSS_BATCHES]
+    loss_images = sim.data.inputs[:LOSS_IMAGES]
     losses = {"units": [u.name for u in sim.units], "before": unit_errors(sim.mirror, loss_images, device)}
     schedule = modcap_schedule(sim, config, device)
     units = merge_units(sim.prepared.model, sim.units, schedule) if schedule else sim.units

@@ -40,7 +40,7 @@ from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .quantizers import QuantizerSet, keep_mask
 
 METHODS = ("brecq", "qdrop", "pdquant")
-LOSS_BATCHES = 256  # images on which the loss before and after each unit is measured
+LOSS_IMAGES = 256  # images on which the loss before and after each unit is measured
 DEFAULT_CACHE_BYTES = 4 << 30
 CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
 PAPER_ITERS, PAPER_CORRECTION_STEPS, PAPER_CORRECTION_LR = 20000, 500, 1e-3
@@ -457,10 +457,17 @@ def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,
     return [total / len(inputs) for total in totals]
 
 
-def measure_loss(unit: UnitMirror, inputs, targets, device) -> float:
+def measure_loss(unit: UnitMirror, inputs, targets, device, batch_size: int = 32) -> float:
+    """The unit's output error on the first LOSS_IMAGES images, a batch at a time: a unit holds
+    every intermediate tensor until it returns, which for 256 images of a 224x224 model is several GB."""
+    count = min(LOSS_IMAGES, len(inputs[0]))
+    total = 0.0
     with torch.no_grad():
-        batch = [t[:LOSS_BATCHES].to(device) for t in inputs]
-        return float(output_error(unit(*batch), [t[:LOSS_BATCHES].to(device) for t in targets]))
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            outputs = unit(*(t[start:stop].to(device) for t in inputs))
+            total += float(output_error(outputs, [t[start:stop].to(device) for t in targets])) * (stop - start)
+    return total / count
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 
 import onnxmodcap
 from onnxmodcap import pipeline
-from onnxmodcap.reconstruct import CachedTensor, ReconstructionSettings, UnitData, start_training, training_loss
+from onnxmodcap.reconstruct import (CachedTensor, ReconstructionSettings, UnitData, measure_loss, output_error,
+                                    start_training, training_loss)
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -259,3 +260,18 @@ def test_qdrop_unit_input_is_the_quantized_input_quantized_or_the_float_input(re
     assert torch.all(from_quantized | from_float)
     only_quantized, only_float = (from_quantized & ~from_float).sum(), (from_float & ~from_quantized).sum()
     assert 0.45 < only_quantized / (only_quantized + only_float) < 0.55
+
+
+def test_unit_loss_measured_in_batches_equals_the_loss_of_one_batch(resnet, calib):
+    config = pipeline.QuantizeConfig(bits=4, method="brecq", modcap="off", num_calib=96)
+    sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
+    unit = sim.mirror.units[1]
+    x_fp, x_q = observed_unit_input(sim, unit, False), observed_unit_input(sim, unit, True)
+    with torch.no_grad():
+        unit.set_quantization(False)
+        target = unit(x_fp)
+        unit.set_quantization(True)
+        whole = float(output_error(unit(x_q), [target]))
+    batched = measure_loss(unit, [CachedTensor(x_q)], [CachedTensor(target)], torch.device("cpu"), batch_size=24)
+    assert whole > 0
+    assert batched == pytest.approx(whole, rel=1e-5)
