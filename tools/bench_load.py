@@ -1,7 +1,7 @@
 """Load test: quantize a torchvision-shaped ResNet-50 at 224x224 with 1024 calibration images and
 measure the peak resident memory and wall time of `onnxmodcap quantize`.
 
-    OMP_NUM_THREADS=2 python tools/bench_load.py [--out /tmp/bench_load] [--images 1024] [--iters 20]
+    OMP_NUM_THREADS=2 python tools/bench_load.py [--out /tmp/bench_load] [--images 1024] [--iters 20] [--modcap data]
 
 The network is the test zoo's bottleneck ResNet (tests/zoo.py) at width 64 with the ImageNet stem
 (7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool) and 1000 classes, random weights (seed 0),
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024, help="calibration images")
     parser.add_argument("--iters", type=int, default=20, help="reconstruction iterations per unit")
     parser.add_argument("--method", default="brecq")
+    parser.add_argument("--modcap", default="data",
+                        help="data (the default here): merged groups are the largest units, the worst case for memory")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--cache-mem", type=float, help="passed to quantize (default: its own, 4 GiB)")
     args = parser.parse_args()
@@ -125,8 +127,8 @@ def main() -> None:
     work_dir, report_path = args.out / "work", args.out / "report.json"
     command = [str(Path(sys.executable).with_name("onnxmodcap")), "quantize", str(model_path),
                "--calib", str(calib), "--bits", str(args.bits), "--num-calib", str(args.images),
-               "--method", args.method, "--iters", str(args.iters), "-o", str(args.out / "resnet50.quant.onnx"),
-               "--report", str(report_path), "--work-dir", str(work_dir)]
+               "--method", args.method, "--modcap", args.modcap, "--iters", str(args.iters),
+               "-o", str(args.out / "resnet50.quant.onnx"), "--report", str(report_path), "--work-dir", str(work_dir)]
     if args.cache_mem is not None:
         command += ["--cache-mem", str(args.cache_mem)]
     code, seconds, peak_gib, work_bytes, outcome = run_quantize(command, args.out, work_dir, report_path)
