@@ -181,7 +181,7 @@ def format_evaluation(result) -> str:
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="ort: asymmetric grids allowed. tensorrt: zero point 0, INT8 containers, Conv+Add fusable.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "native"]), default="qdq", show_default=True,
-              help="qdq: int8 containers carrying any grid exactly. native: INT2/INT4 types (opset 25/21).")
+              help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")
 @click.option("--no-keep-ends", is_flag=True, help="Quantize the first and last weighted layers to --bits too "
                                                      "(default: they stay at 8 bits).")
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")

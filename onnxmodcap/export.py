@@ -7,11 +7,17 @@ Clip -> QuantizeLinear(int8, zero point 0) -> DequantizeLinear, the Clip carryin
 exactly, and left out where the grid is the container's full range (8-bit grids use uint8 with their
 zero point when they do not fit int8).
 
-`native` format: weights in the smallest ONNX integer type that holds their grid (INT2/UINT2 from
-opset 25, INT4/UINT4 from opset 21, else 8-bit) with the grid's own zero point: smaller files.
-Activations stay in 8-bit containers: ONNX Runtime 1.31's QDQ optimizers fail on sub-byte activation
-Q/DQ (they move a UINT4 QuantizeLinear in front of MaxPool, and their Clip fusion rejects a UINT4
-zero point), so native activations would not load.
+`native` format: weights in the smallest ONNX integer type that holds their grid (INT4/UINT4 from
+opset 21, else 8-bit) and activations in the 8-bit type that holds theirs (UINT8 for unsigned grids),
+each with the grid's own zero point: smaller files. ONNX Runtime 1.31's QDQ optimizers dictate
+these choices: each alternative below made models that do not load in a default session.
+- sub-byte activation Q/DQ: they move a UINT4 QuantizeLinear in front of MaxPool, and their Clip
+  fusion rejects a UINT4 zero point;
+- INT2/UINT2 weights (opset 25): they fuse them into QLinearConv and QGemm, which reject them, so
+  2-bit grids take 4-bit types (the zoo's ConvNeXt, MobileNetV3 and segmentation head failed);
+- int8 activations at opset 21 and later: propagating a DequantizeLinear through MaxPool and then
+  turning int8 Q/DQ into uint8 leaves a QuantizeLinear whose output_dtype (an opset-21 attribute)
+  contradicts its zero point (the zoo's GoogLeNet failed).
 
 Every quantized tensor keeps its name: its producer writes `<name>_float` and DequantizeLinear
 writes `<name>`, so consumers and graph outputs need no rewiring.
@@ -52,10 +58,8 @@ class Container:
 
 INT8 = Container(TensorProto.INT8, -128, 127, 13)
 UINT8 = Container(TensorProto.UINT8, 0, 255, 13)
-NATIVE = [
-    Container(TensorProto.INT2, -2, 1, 25), Container(TensorProto.UINT2, 0, 3, 25),
-    Container(TensorProto.INT4, -8, 7, 21), Container(TensorProto.UINT4, 0, 15, 21), INT8, UINT8,
-]
+NATIVE_WEIGHTS = [Container(TensorProto.UINT4, 0, 15, 21), Container(TensorProto.INT4, -8, 7, 21), UINT8, INT8]
+NATIVE_ACTIVATIONS = [UINT8, INT8]
 NUMPY_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 
 
@@ -85,14 +89,14 @@ def qdq_encoding(grid: Grid, zero_points: torch.Tensor) -> Encoding:
     raise UserError(f"a {grid.bits}-bit grid [{grid.qmin}, {grid.qmax}] does not fit an 8-bit container")
 
 
-def native_encoding(grid: Grid) -> Encoding:
-    fitting = next(c for c in NATIVE if c.low <= grid.qmin and grid.qmax <= c.high)
+def native_encoding(grid: Grid, containers: list[Container]) -> Encoding:
+    fitting = next(c for c in containers if c.low <= grid.qmin and grid.qmax <= c.high)
     return Encoding(fitting, shifted=False)
 
 
 def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding:
-    if fmt == "native" and is_weight:
-        return native_encoding(quantizer.grid)
+    if fmt == "native":
+        return native_encoding(quantizer.grid, NATIVE_WEIGHTS if is_weight else NATIVE_ACTIVATIONS)
     return qdq_encoding(quantizer.grid, quantizer.zero_point)
 
 
