@@ -17,7 +17,8 @@ these choices: each alternative below made models that do not load in a default 
   2-bit grids take 4-bit types (the zoo's ConvNeXt, MobileNetV3 and segmentation head failed);
 - int8 activations at opset 21 and later: propagating a DequantizeLinear through MaxPool and then
   turning int8 Q/DQ into uint8 leaves a QuantizeLinear whose output_dtype (an opset-21 attribute)
-  contradicts its zero point (the zoo's GoogLeNet failed).
+  contradicts its zero point (the zoo's GoogLeNet failed). So does a `qdq` model whose source
+  graph is at opset 21 or later: for the ORT target its activations take the native encoding too.
 
 Every quantized tensor keeps its name: its producer writes `<name>_float` and DequantizeLinear
 writes `<name>`, so consumers and graph outputs need no rewiring.
@@ -44,6 +45,7 @@ from .weights import Weights, detach_large, used_weights
 
 FORMATS = ("qdq", "native")
 QDQ_OPSET = 13
+OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear's output_dtype, which ONNX Runtime's int8 rewrite leaves wrong
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,17 @@ def native_encoding(grid: Grid, containers: list[Container]) -> Encoding:
     return Encoding(fitting, shifted=False)
 
 
-def choose_encoding(fmt: str, quantizer: Quantizer, is_weight: bool) -> Encoding:
+def weight_encoding(fmt: str, quantizer: Quantizer) -> Encoding:
     if fmt == "native":
-        return native_encoding(quantizer.grid, NATIVE_WEIGHTS if is_weight else NATIVE_ACTIVATIONS)
+        return native_encoding(quantizer.grid, NATIVE_WEIGHTS)
+    return qdq_encoding(quantizer.grid, quantizer.zero_point)
+
+
+def activation_encoding(fmt: str, target: str, opset: int, quantizer: Quantizer) -> Encoding:
+    """TensorRT needs int8 with zero point 0. ONNX Runtime's optimizers fail on int8 activations
+    from opset 21 on (see above), so there an ORT-target model takes the native encoding."""
+    if fmt == "native" or (target == "ort" and opset >= OUTPUT_DTYPE_OPSET):
+        return native_encoding(quantizer.grid, NATIVE_ACTIVATIONS)
     return qdq_encoding(quantizer.grid, quantizer.zero_point)
 
 
@@ -113,12 +123,11 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     model = onnx.ModelProto.FromString(prepared.model.SerializeToString())
     constants = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
     writer = GraphWriter(model)
-    opset = QDQ_OPSET
+    weight_encodings = {tensor: weight_encoding(fmt, quantizer) for tensor, quantizer in quantizers.weights.items()}
+    opset = max([QDQ_OPSET, model_opset(model), *(e.container.opset for e in weight_encodings.values())])
     with torch.no_grad():
         for tensor, quantizer in quantizers.weights.items():
-            encoding = choose_encoding(fmt, quantizer, is_weight=True)
-            writer.dequantized_constant(tensor, constants[tensor], quantizer, encoding)
-            opset = max(opset, encoding.container.opset)
+            writer.dequantized_constant(tensor, constants[tensor], quantizer, weight_encodings[tensor])
         gemm_biases = {n.input[2] for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 2}
         for tensor, bias in quantizers.biases.items():
             if target == "ort" and tensor in gemm_biases:
@@ -126,9 +135,7 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
             else:
                 writer.replace_constant(tensor, bias(constants[tensor]))
         for tensor, quantizer in quantizers.activations.items():
-            encoding = choose_encoding(fmt, quantizer, is_weight=False)
-            writer.quantized_activation(tensor, quantizer, encoding)
-            opset = max(opset, encoding.container.opset)
+            writer.quantized_activation(tensor, quantizer, activation_encoding(fmt, target, opset, quantizer))
     writer.read_float_inputs(float_layers(model, quantizers.weights))
     writer.finish()
     weights = dict(prepared.weights)
@@ -143,8 +150,12 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     return model, used_weights(model, weights)
 
 
+def model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    current = model_opset(model)
     if current >= opset:
         return model
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import onnx
 import onnxruntime as ort
 
 from .errors import UserError
@@ -35,13 +36,13 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     # A CUDA provider that fails to load logs an error before falling back; the fallback is reported
     # by session_provider instead.
     ort.set_default_logger_severity(4)
+    tensorrt = targets_tensorrt(model)
+    if tensorrt:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
-        if targets_tensorrt(session):
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
-            if session_provider(session) == "cpu":
-                print(TENSORRT_NOTE, file=sys.stderr)
+        if tensorrt and session_provider(session) == "cpu":
+            print(TENSORRT_NOTE, file=sys.stderr)
     except Exception as err:  # onnxruntime raises its own exception types per failure kind
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ONNX Runtime cannot load the model: {message}") from err
@@ -52,9 +53,15 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     return session
 
 
-def targets_tensorrt(session: ort.InferenceSession) -> bool:
-    """Whether onnxmodcap quantized the model for TensorRT (its metadata says so)."""
-    written = session.get_modelmeta().custom_metadata_map.get(QUANTIZATION_METADATA_KEY)
+def targets_tensorrt(model: str | bytes) -> bool:
+    """Whether onnxmodcap quantized the model for TensorRT (its metadata says so). Read before any
+    session is built: ONNX Runtime's full optimization can fail to load such a model at opset 21
+    and later (int8 Q/DQ around MaxPool, see export.py), the level it will not run at anyway."""
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    except Exception:  # not a readable model: ONNX Runtime's own load error says why
+        return False
+    written = {p.key: p.value for p in proto.metadata_props}.get(QUANTIZATION_METADATA_KEY)
     try:
         return json.loads(written).get("target") == "tensorrt" if written else False
     except (ValueError, AttributeError):
