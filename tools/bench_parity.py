@@ -9,7 +9,11 @@ Cases (all by default):
 - resnet50: the 224x224 ResNet-50 of tools/bench_load.py, RTN W4A4, 64 of 128 of its JPEG images
   for calibration, the other 64 for parity;
 - chain: tools/bench_large_model.py's plain chain of 40 convolutions 1024 -> 1024 (no residuals, no
-  BN; 1.5 GB of weights), RTN W4A4 with min-max initialisation, 64 of 128 random tensors.
+  BN; 1.5 GB of weights), RTN W4A4 with min-max initialisation, 64 of 128 random tensors;
+- zoo (not in the default run): every architecture of the test zoo (tests/zoo.py, 3x32x32, legacy
+  export) at W8A8, W4A8, W4A4 and W2A4, as `qdq` for ONNX Runtime, `qdq` for TensorRT and `native`:
+  RTN, 96 random calibration tensors and 64 held-out ones, as tests/test_quantize.py quantizes them.
+  180 rows; the strict column says whether every image agrees within 1e-4 with the same top-1.
 
 Each case runs `onnxmodcap.quantize` as a user would; a parity failure is printed as its error
 line. The last lines printed are a markdown table.
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import onnxmodcap
 from onnxmodcap.errors import UserError
@@ -57,31 +62,55 @@ def chain(out: Path) -> tuple[Path, Path, dict]:
     return model, calib, {"bits": 4, "method": "rtn", "init": "minmax", "num_calib": 64}
 
 
+def zoo_grid(out: Path) -> list[tuple[str, Path, Path, dict]]:
+    calib = out / "zoo_calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((160, 3, 32, 32)).astype(np.float32))
+    cases = []
+    for name, entry in sorted(zoo.ZOO.items()):
+        torch.manual_seed(0)
+        model = out / f"{name}.onnx"
+        zoo.export_legacy(entry.build(), model, entry.input_shape)
+        for wbits, abits in ZOO_BITS:
+            for target, fmt in ZOO_FORMATS:
+                options = {"wbits": wbits, "abits": abits, "target": target, "format": fmt, "method": "rtn",
+                           "num_calib": 96}
+                cases.append((f"{name} W{wbits}A{abits} {target} {fmt}", model, calib, options))
+    return cases
+
+
 CASES = {"regnetx": regnetx, "resnet50": resnet50, "chain": chain}
+ZOO_BITS = [(8, 8), (4, 8), (4, 4), (2, 4)]
+ZOO_FORMATS = [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")]
 
 
-def measure(name: str, out: Path) -> str:
-    model, calib, options = CASES[name](out)
+def measure(label: str, model: Path, calib: Path, options: dict, out: Path) -> str:
     started = time.monotonic()
+    shown = {k: v for k, v in options.items() if k not in ("wbits", "abits", "target", "format")}
     try:
-        v = onnxmodcap.quantize(model, calib, output=str(out / f"{name}.quant.onnx"), **options).validation
+        output = out / f"{label.replace(' ', '.')}.quant.onnx"
+        v = onnxmodcap.quantize(model, calib, output=str(output), **options).validation
     except UserError as err:
-        return f"| {name} | {options} | error: {err} ||||||||| {time.monotonic() - started:.0f} |"
-    return (f"| {name} | {options} | {v.exact_images:.1%} | {v.max_abs_diff_relative:.2e} | {v.gap:.3g} "
+        return f"| {label} | {shown} | error: {err} |||||||||| {time.monotonic() - started:.0f} |"
+    strict = v.exact_images == 1.0 and v.argmax_agreement == 1.0
+    return (f"| {label} | {shown} | {v.exact_images:.1%} | {v.max_abs_diff_relative:.2e} | {v.gap:.3g} "
             f"| {v.ort_noise:.3g} | {v.torch_noise:.3g} | {v.noise_ratio:.3g} | {v.argmax_agreement:.1%} | {v.torch_argmax_agreement:.1%} "
-            f"| {'ok' if v.parity_ok else 'FAILED'} | {time.monotonic() - started:.0f} |")
+            f"| {'yes' if strict else 'no'} | {'ok' if v.parity_ok else 'FAILED'} | {time.monotonic() - started:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_parity"), help="folder for every file")
-    parser.add_argument("--case", action="append", choices=sorted(CASES), help="case to run (repeatable; default all)")
+    parser.add_argument("--case", action="append", choices=sorted([*CASES, "zoo"]),
+                        help="case to run (repeatable; default all but zoo)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(name, args.out) for name in args.case or list(CASES)]
+    rows = []
+    for name in args.case or list(CASES):
+        cases = zoo_grid(args.out) if name == "zoo" else [(name, *CASES[name](args.out))]
+        rows += [measure(*case, args.out) for case in cases]
     print("| case | options | images within 1e-4 | max diff | gap | ort_noise | torch_noise | noise ratio "
-          "| argmax agreement | torch argmax agreement | parity | wall s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| argmax agreement | torch argmax agreement | strict | parity | wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     print("\n".join(rows))
 
 
