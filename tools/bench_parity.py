@@ -13,7 +13,7 @@ Cases (all by default):
 - zoo (not in the default run): every architecture of the test zoo (tests/zoo.py, 3x32x32, legacy
   export) at W8A8, W4A8, W4A4 and W2A4, as `qdq` for ONNX Runtime, `qdq` for TensorRT and `native`:
   RTN, 96 random calibration tensors and 64 held-out ones, as tests/test_quantize.py quantizes them.
-  180 rows; the strict column says whether every image agrees within 1e-4 with the same top-1.
+  12 architectures x 12 = 144 rows; the strict column says whether every image agrees within 1e-4 with the same top-1.
 
 Each case runs `onnxmodcap.quantize` as a user would; a parity failure is printed as its error
 line. The last lines printed are a markdown table.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import onnxmodcap
 from onnxmodcap.errors import UserError
@@ -67,9 +66,8 @@ def zoo_grid(out: Path) -> list[tuple[str, Path, Path, dict]]:
     np.save(calib, np.random.default_rng(0).standard_normal((160, 3, 32, 32)).astype(np.float32))
     cases = []
     for name, entry in sorted(zoo.ZOO.items()):
-        torch.manual_seed(0)
         model = out / f"{name}.onnx"
-        zoo.export_legacy(entry.build(), model, entry.input_shape)
+        zoo.export_legacy(zoo.make_model(name), model, entry.input_shape)
         for wbits, abits in ZOO_BITS:
             for target, fmt in ZOO_FORMATS:
                 options = {"wbits": wbits, "abits": abits, "target": target, "format": fmt, "method": "rtn",
@@ -85,7 +83,7 @@ ZOO_FORMATS = [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")]
 
 def measure(label: str, model: Path, calib: Path, options: dict, out: Path) -> str:
     started = time.monotonic()
-    shown = {k: v for k, v in options.items() if k not in ("wbits", "abits", "target", "format")}
+    shown = {k: v for k, v in options.items() if k not in ("target", "format")}  # the zoo's label names both
     try:
         output = out / f"{label.replace(' ', '.')}.quant.onnx"
         v = onnxmodcap.quantize(model, calib, output=str(output), **options).validation
