@@ -68,6 +68,7 @@ class ReconstructionSettings:
     pd_temperature: float = 4.0
     pd_lambda: float = 0.1
     pd_batch_size: int | None = None  # images of each batch carried to the logits (None: all)
+    pd_interval: int = 1  # the prediction difference joins every pd_interval-th iteration, weighted x pd_interval
     dc_lambda: float = 0.02
     dc: bool = True
 
@@ -91,7 +92,7 @@ class ReconstructionSettings:
 PRESETS = {
     "paper": {},
     # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps.
-    "fast": {"iters": 1000, "pd_batch_size": 8},
+    "fast": {"iters": 1000, "pd_batch_size": 8, "pd_interval": 2},
 }
 
 
@@ -529,7 +530,8 @@ def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionS
     with tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
         for step in progress:
             beta = rounding_beta(step, settings) if training.weights else None
-            loss = training_loss(unit, data, settings, device, generator, training.weights, beta)
+            predicts = data.rest is not None and step % settings.pd_interval == 0
+            loss = training_loss(unit, data, settings, device, generator, training.weights, beta, predicts)
             training.step(loss)
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4g}")
@@ -549,7 +551,7 @@ def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
 
 
 def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
-                  generator: torch.Generator, weights: list, beta: float | None) -> torch.Tensor:
+                  generator: torch.Generator, weights: list, beta: float | None, predicts: bool) -> torch.Tensor:
     count = len(data.quantized_inputs[0])
     picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
     quantized = [t[picks].to(device) for t in data.quantized_inputs]
@@ -558,7 +560,7 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
         keeps = [keep_mask(q, 1.0 - settings.drop_prob) for q in quantized]
         batch = [torch.lerp(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
-    carried = picks[:settings.pd_batch_size or len(picks)] if data.rest else picks[:0]
+    carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]
     if len(carried):
         batch = [torch.cat((b, q[:len(carried)])) for b, q in zip(batch, quantized)]
         keeps = [None if k is None else torch.cat((k, torch.ones_like(k[:len(carried)]))) for k in keeps]
@@ -568,7 +570,7 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     if len(carried):
         logits = data.rest(tuple(o[len(picks):] for o in outputs), carried)
         loss = loss + prediction_difference(logits, data.rest.logits[carried].to(device),
-                                            settings.pd_temperature) / settings.pd_lambda
+                                            settings.pd_temperature) * settings.pd_interval / settings.pd_lambda
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
     return loss

@@ -249,7 +249,7 @@ def test_qdrop_unit_input_is_the_quantized_input_quantized_or_the_float_input(re
     entering = []
     hook = quantizer.register_forward_hook(lambda module, args, output: entering.append(output.detach()))
     try:
-        training_loss(unit, data, settings, torch.device("cpu"), generator, [], None)
+        training_loss(unit, data, settings, torch.device("cpu"), generator, [], None, predicts=False)
     finally:
         hook.remove()
     quantizer.drop_prob = 0.0

@@ -6,7 +6,8 @@ For every unit, at the same batch size, it times (median of --steps after --warm
 - float: the unit without quantizers, forward, output-error loss, backward to the float weights;
 - iteration: one reconstruction step as `onnxmodcap quantize --method ...` runs it (QDrop mixing,
   AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates; with pdquant also the
-  prediction difference, --pd-batch-size images carried through the rest of the float network).
+  prediction difference, --pd-batch-size images carried through the rest of the float network, in
+  every timed iteration: the fast preset adds it to every second one, see `pd_interval`).
 The two take turns step by step. It prints a markdown table with the ratio iteration / float.
 """
 
@@ -93,8 +94,8 @@ def main() -> None:
 
         def iteration():
             unit.set_quantization(True)
-            training.step(training_loss(unit, data, settings, cpu, generator,
-                                        training.weights, beta=10.0 if training.weights else None))
+            training.step(training_loss(unit, data, settings, cpu, generator, training.weights,
+                                        beta=10.0 if training.weights else None, predicts=rest is not None))
 
         float_ms, iteration_ms = median_ms([float_step(unit, batch, targets), iteration], args.steps, args.warmup)
         training.finish()
