@@ -248,7 +248,7 @@ def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor
         float_unit.observer = lambda name, value: seen.__setitem__(name, value) if name in watched else None
         try:
             for start in range(0, len(float_inputs[0]), CORRECTION_BATCH):
-                [original] = channels_last([float_inputs[0][start:start + CORRECTION_BATCH].to(device)])
+                original = float_inputs[0][start:start + CORRECTION_BATCH].to(device)
                 corrected = original.clone().requires_grad_(True)
                 optimizer = torch.optim.Adam([corrected], lr=settings.correction_lr, fused=True)
                 plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=100, min_lr=1e-5)
@@ -422,8 +422,8 @@ def channels_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Image-shaped (4-D) tensors in channels-last memory layout, the same values. The few images
     PD-Quant carries through the rest of the network go forward and backward through many small
     convolutions, which oneDNN runs faster in this layout: a whole PD-Quant iteration takes 0.72-0.73x
-    the time (benchmarks_modcap.md, round 3). Distribution correction runs its 256 images in it too:
-    depthwise convolutions run 1.8x faster forward and backward (MobileNetV2, round 6)."""
+    the time (benchmarks_modcap.md, round 3). A unit's own batch of 32 runs no faster in it, and
+    distribution correction's 256 images run slower (round 6), so only the rest takes it."""
     return [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
 
 
