@@ -66,6 +66,12 @@ def test_every_architecture_exports_with_parity(exported_model, calib_tensors, t
         assert check_tensorrt(str(result.output)) == []
 
 
+def activation_zero_point_types(result, model: onnx.ModelProto, max_bits: int) -> set[int]:
+    """The element types of the written zero points of activation quantizers of at most max_bits."""
+    zero_points = {f"{a['tensor']}_zero_point" for a in result.report["plan"]["activations"] if a["bits"] <= max_bits}
+    return {t.data_type for t in model.graph.initializer if t.name in zero_points}
+
+
 @pytest.mark.parametrize("target, fmt", [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")])
 @pytest.mark.parametrize("wbits, abits", [(8, 8), (4, 8), (4, 4), (2, 4)])
 def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path, wbits, abits, target, fmt):
@@ -81,8 +87,7 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
     else:
         assert weight_types == {onnx.TensorProto.INT8}
     if fmt == "native":  # unsigned grids in UINT8 with their zero point, never int8 (export.py)
-        zero_points = {f"{a['tensor']}_zero_point" for a in result.report["plan"]["activations"]}
-        assert {t.data_type for t in model.graph.initializer if t.name in zero_points} == {onnx.TensorProto.UINT8}
+        assert activation_zero_point_types(result, model, max_bits=8) == {onnx.TensorProto.UINT8}
     if target == "ort" and fmt == "qdq":  # ONNX Runtime's x86 int8 kernels saturate beyond 64 (plan.weight_grid)
         assert max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
                    for t in model.graph.initializer if t.name in stored_weights) <= 64
@@ -105,8 +110,7 @@ def test_a_source_graph_at_opset_21_exports_in_qdq_format(exported_model, calib_
     assert_parity(result)
     model = onnx.load(result.output)
     assert model.opset_import[0].version == 21
-    zero_points = {f"{a['tensor']}_zero_point" for a in result.report["plan"]["activations"] if a["bits"] < 8}
-    types = {t.data_type for t in model.graph.initializer if t.name in zero_points}
+    types = activation_zero_point_types(result, model, max_bits=7)
     assert types == {onnx.TensorProto.UINT8 if target == "ort" else onnx.TensorProto.INT8}
     if target == "tensorrt":
         assert check_tensorrt(str(result.output)) == []
