@@ -91,7 +91,8 @@ class ReconstructionSettings:
 
 PRESETS = {
     "paper": {},
-    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps.
+    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps, and
+    # benchmarks_modcap.md (round 6) for PD-Quant's pd_batch_size and pd_interval.
     "fast": {"iters": 1000, "pd_batch_size": 8, "pd_interval": 4},
 }
 
