@@ -34,8 +34,8 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_IMAGES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, network_defaults, reconstruct,
-    results_to_dicts, unit_errors,
+    LOSS_IMAGES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, method_defaults, network_defaults,
+    reconstruct, results_to_dicts, unit_errors,
 )
 from .validate import Validation, require_parity, validate
 
@@ -293,8 +293,8 @@ def result_affecting(config: QuantizeConfig) -> dict:
 
 
 def reconstruction_settings(config: QuantizeConfig, model) -> ReconstructionSettings:
-    chosen = {**PRESETS[config.resolved_preset], "method": config.method, "batch_size": config.batch_size, "dc": config.dc,
-              **network_defaults(has_depthwise_conv(model))}
+    chosen = {**method_defaults(config.method), **PRESETS[config.resolved_preset], "method": config.method,
+              "batch_size": config.batch_size, "dc": config.dc, **network_defaults(has_depthwise_conv(model))}
     given = {"iters": config.iters, "round_lambda": config.round_lambda, "pd_temperature": config.pd_temperature,
              "pd_lambda": config.pd_lambda, "dc_lambda": config.dc_lambda}
     chosen.update({key: value for key, value in given.items() if value is not None})

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -66,7 +67,16 @@ def test_default_preset_is_the_fast_one_on_a_cpu_and_says_so(resnet, calib, tmp_
     assert done.returncode == 0, done.stderr
     assert "note: --preset auto chose fast on cpu: 3 iterations per unit" in done.stderr.splitlines()
     settings = json.loads(report.read_text())["reconstruction_settings"]
-    assert (settings["preset"], settings["iters"], settings["pd_batch_size"]) == ("fast", 3, 8)
+    assert (settings["preset"], settings["iters"], settings["pd_batch_size"], settings["weight_lr"]) == ("fast", 3, 8, 0.02)
+
+
+@pytest.mark.parametrize("method, preset, weight_lr", [
+    ("brecq", "paper", 1e-3), ("qdrop", "paper", 1e-3), ("pdquant", "paper", 3e-3),
+    ("brecq", "fast", 2e-2), ("qdrop", "fast", 2e-2), ("pdquant", "fast", 2e-2)])
+def test_rounding_learning_rate_is_the_published_one_and_twenty_times_it_at_the_fast_preset(
+        resnet, method, preset, weight_lr):
+    config = pipeline.QuantizeConfig(method=method, preset=preset)
+    assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == weight_lr
 
 
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path):
