@@ -160,6 +160,9 @@ def format_evaluation(result) -> str:
               help="Also reconstruct without ModCap and report both loss curves (about twice the time).")
 @click.option("--round-lambda", type=float,
               help="Weight of AdaRound's rounding loss (default 0.01, or 0.1 with depthwise convolutions).")
+@click.option("--round-lr", type=float,
+              help="Adam's learning rate on AdaRound's rounding variables (default: 2e-2 with the fast preset; "
+                   "with the paper preset 1e-3, or 3e-3 with pdquant).")
 @click.option("--pd-temperature", type=float,
               help="pdquant: KL temperature (default 4, or 1 for networks with depthwise convolutions).")
 @click.option("--pd-lambda", type=float, help="pdquant: lambda_r; the KL term is weighted 1/lambda_r (default 0.1).")

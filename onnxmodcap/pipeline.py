@@ -73,6 +73,7 @@ class QuantizeConfig:
     compare_granularity: bool = False  # also reconstruct without ModCap and report both
     round_lambda: float | None = None  # AdaRound's rounding loss weight (default: by network, see
     # reconstruct.network_defaults)
+    round_lr: float | None = None  # Adam's rate on the rounding variables (default: by preset and method)
     pd_temperature: float | None = None  # pdquant (default: by network, as round_lambda)
     pd_lambda: float | None = None
     dc_lambda: float | None = None
@@ -295,8 +296,8 @@ def result_affecting(config: QuantizeConfig) -> dict:
 def reconstruction_settings(config: QuantizeConfig, model) -> ReconstructionSettings:
     chosen = {**method_defaults(config.method), **PRESETS[config.resolved_preset], "method": config.method,
               "batch_size": config.batch_size, "dc": config.dc, **network_defaults(has_depthwise_conv(model))}
-    given = {"iters": config.iters, "round_lambda": config.round_lambda, "pd_temperature": config.pd_temperature,
-             "pd_lambda": config.pd_lambda, "dc_lambda": config.dc_lambda}
+    given = {"iters": config.iters, "round_lambda": config.round_lambda, "weight_lr": config.round_lr,
+             "pd_temperature": config.pd_temperature, "pd_lambda": config.pd_lambda, "dc_lambda": config.dc_lambda}
     chosen.update({key: value for key, value in given.items() if value is not None})
     return ReconstructionSettings(**chosen)
 
@@ -323,7 +324,7 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError("--modcap groups units for reconstruction: use it with --method brecq, qdrop or pdquant")
     if config.compare_granularity and config.granularity == "off":
         raise UserError("--compare-granularity compares against ModCap: give --modcap data or free")
-    for name in ("round_lambda", "pd_temperature", "pd_lambda", "dc_lambda"):
+    for name in ("round_lambda", "round_lr", "pd_temperature", "pd_lambda", "dc_lambda"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")

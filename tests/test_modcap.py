@@ -193,6 +193,7 @@ def test_round_lambda_overrides_the_network_default(exported_model, calib, tmp_p
      "--compare-granularity compares against ModCap: give --modcap data or free"),
     (["--method", "pdquant", "--pd-lambda", "0"], "--pd-lambda must be positive, got 0.0"),
     (["--method", "brecq", "--round-lambda", "-1"], "--round-lambda must be positive, got -1.0"),
+    (["--method", "qdrop", "--round-lr", "0"], "--round-lr must be positive, got 0.0"),
     (["--method", "qdrop", "--modcap", "free", "--modcap-k", "0"], "--modcap-k must be at least 1, got 0"),
 ])
 def test_bad_options_give_one_error_line(calib, tmp_path, options, message):

@@ -79,6 +79,12 @@ def test_rounding_learning_rate_is_the_published_one_and_twenty_times_it_at_the_
     assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == weight_lr
 
 
+@pytest.mark.parametrize("preset", ["paper", "fast"])
+def test_round_lr_overrides_the_preset_and_method_rate(resnet, preset):
+    config = pipeline.QuantizeConfig(method="pdquant", preset=preset, round_lr=5e-3)
+    assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == 5e-3
+
+
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path):
     outputs = []
     for name, cache_mem in (("a.onnx", 4.0), ("b.onnx", 0.0)):

@@ -40,7 +40,7 @@ def parse_run(text: str) -> dict:
 
 def key(record: dict) -> tuple:
     return (record["model"], record["wbits"], record["abits"], record["method"], record["modcap"],
-            record["iters"], record["seed"])
+            record["iters"], record.get("round_lr"), record["seed"])
 
 
 def read_records(paths: list[Path]) -> list[dict]:
@@ -65,12 +65,14 @@ def measure(spec: dict, seed: int, args) -> dict:
         started = time.monotonic()
         result = onnxmodcap.quantize(model, args.calib, wbits=spec["wbits"], abits=spec["abits"],
                                      method=spec["method"], modcap=spec["modcap"], iters=args.iters,
-                                     preset=args.preset, seed=seed, output=str(output), report=str(report))
+                                     round_lr=args.round_lr, preset=args.preset, seed=seed, output=str(output),
+                                     report=str(report))
         wall = time.monotonic() - started
         evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
     recon = result.report.get("reconstruction", [])
     losses = result.report.get("unit_losses", {})
-    return {**spec, "iters": args.iters, "preset": args.preset, "seed": seed, "top1": evaluation.top1,
+    return {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
+            "weight_lr": result.report["reconstruction_settings"]["weight_lr"], "top1": evaluation.top1,
             "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
             "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
@@ -86,7 +88,7 @@ def run(args) -> None:
     for text in args.run:
         for seed in args.seeds:
             spec = parse_run(text)
-            if key({**spec, "iters": args.iters, "seed": seed}) in done:
+            if key({**spec, "iters": args.iters, "round_lr": args.round_lr, "seed": seed}) in done:
                 continue
             print(f"{text} seed {seed}", flush=True)
             record = measure(spec, seed, args)
@@ -99,18 +101,18 @@ def render(args) -> None:
     records = read_records(args.results)
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((*key(record)[:6], record["code"]), []).append(record)
-    lines = ["| model | W/A | method | modcap | iters/unit | code | seeds | top-1 % mean ± sd | per seed | "
+        groups.setdefault((*key(record)[:6], record.get("weight_lr"), record["code"]), []).append(record)
+    lines = ["| model | W/A | method | modcap | iters/unit | rounding lr | code | seeds | top-1 % mean ± sd | per seed | "
              "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, wbits, abits, method, modcap, iters, code), rows in sorted(groups.items(), key=lambda item: str(item[0])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, wbits, abits, method, modcap, iters, lr, code), rows in sorted(groups.items(), key=lambda item: str(item[0])):
         rows.sort(key=lambda r: r["seed"])
         top1 = [100 * r["top1"] for r in rows]
         spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
         mean = lambda field: statistics.fmean(r[field] for r in rows)  # noqa: E731
         oscillation = f"{mean('oscillation'):.3f}" if rows[0]["oscillation"] is not None else "–"
         merged = "; ".join("+".join(g) for g in rows[0]["merged"]) if rows[0]["merged"] else "–"
-        lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {code} | {len(rows)} | "
+        lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {lr or '–'} | {code} | {len(rows)} | "
                      f"{statistics.fmean(top1):.2f} ± {spread:.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
                      f"{oscillation} | {mean('quantize_seconds'):.0f} | {mean('reconstruction_seconds'):.0f} | "
                      f"{mean('correction_seconds'):.0f} | {merged} |")
@@ -133,6 +135,8 @@ def main() -> None:
     runner.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     runner.add_argument("--iters", type=int, default=None, help="iterations per unit (default: the preset's)")
     runner.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    runner.add_argument("--round-lr", type=float, default=None,
+                        help="Adam's rate on the rounding variables (default: the preset's and method's)")
     runner.add_argument("--models", type=Path, default=Path("models"))
     runner.add_argument("--calib", type=Path, default=Path("models/calib"))
     runner.add_argument("--data", type=Path, default=Path("models/fashion_mnist_test.npz"))
