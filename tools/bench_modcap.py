@@ -72,7 +72,7 @@ def measure(spec: dict, seed: int, args) -> dict:
     recon = result.report.get("reconstruction", [])
     losses = result.report.get("unit_losses", {})
     return {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
-            "weight_lr": result.report["reconstruction_settings"]["weight_lr"], "top1": evaluation.top1,
+            "weight_lr": result.report.get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
             "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
             "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
