@@ -4,6 +4,7 @@ oscillation of the per-unit losses, and wall times.
     OMP_NUM_THREADS=1 python tools/bench_modcap.py run --results /tmp/mc/a.jsonl --iters 200 --seeds 0 1 2 \
         --run mobilenetv2_x0_5:2:4:qdrop --run mobilenetv2_x0_5:2:4:qdrop:data ...
     python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out benchmarks_modcap.md
+    python tools/bench_modcap.py oscillation --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
 
 A run is MODEL:WBITS:ABITS:METHOD[:MODCAP] (MODEL: a stem in --models). Each (run, seed) quantizes
 in this process with `onnxmodcap.quantize(...)` (calibration folder, all images), then evaluates
@@ -11,6 +12,9 @@ the output on the whole test set against the float model, and appends one JSON l
 runs already in --results are skipped, so an interrupted benchmark continues where it stopped.
 Several `run` processes with different --results files can share the machine; `render` merges them
 into the table between the marker comments of --out, leaving the rest of that file as it is.
+`oscillation` pairs each ModCap run with the run without ModCap of the same seed and settings, and
+prints the oscillation figure over all units and over the ModCap run's group ends only (the outputs
+that both runs reconstruct), with the loss sum and total variation it is the ratio of.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from pathlib import Path
 
 import onnxmodcap
 from onnxmodcap.evaluate import evaluate
+from onnxmodcap.modcap import oscillation
+from onnxmodcap.partition import partition
+from onnxmodcap.prepare import prepare
 
 
 TABLE_START, TABLE_END = "<!-- bench_modcap: table start -->", "<!-- bench_modcap: table end -->"
@@ -126,6 +133,41 @@ def render(args) -> None:
     args.out.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
 
 
+def total_variation(losses: list[float]) -> float:
+    return sum(abs(b - a) for a, b in zip(losses, losses[1:]))
+
+
+def without_modcap(record: dict) -> tuple:
+    """The key of the same run with --modcap off."""
+    return (*key(record)[:4], *key(record)[5:])
+
+
+def compare_oscillation(args) -> None:
+    records = read_records(args.results)
+    baselines = {without_modcap(r): r for r in records if r["modcap"] == "off"}
+    unit_names = {}
+    pairs: dict[tuple, list[tuple[dict, dict]]] = {}
+    for record in records:
+        if record["modcap"] != "off" and without_modcap(record) in baselines:
+            pairs.setdefault((record["model"], record["wbits"], record["abits"], record["method"], record["modcap"]),
+                             []).append((baselines[without_modcap(record)], record))
+    print("| model | W/A | method | modcap | seeds | oscillation, all units: off / modcap | at group ends: "
+          "off / modcap | loss sum at group ends: off / modcap | total variation at group ends: off / modcap |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (model, wbits, abits, method, modcap), runs in sorted(pairs.items()):
+        if model not in unit_names:
+            unit_names[model] = [u.name for u in partition(prepare(args.models / f"{model}.onnx").model)]
+        figures = []
+        for off, on in runs:
+            inside = {unit_names[model].index(name) for group in on["merged"] for name in group[:-1]}
+            ends = [[loss for i, loss in enumerate(r["unit_losses_after"]) if i not in inside] for r in (off, on)]
+            figures.append([oscillation(off["unit_losses_after"]), oscillation(on["unit_losses_after"]),
+                            *map(oscillation, ends), *map(sum, ends), *map(total_variation, ends)])
+        means = [statistics.fmean(column) for column in zip(*figures)]
+        print(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {len(runs)} | "
+              + " | ".join(f"{means[i]:.3g} / {means[i + 1]:.3g}" for i in range(0, 8, 2)) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,8 +185,11 @@ def main() -> None:
     renderer = commands.add_parser("render")
     renderer.add_argument("--results", type=Path, nargs="+", required=True)
     renderer.add_argument("--out", type=Path, required=True)
+    comparer = commands.add_parser("oscillation")
+    comparer.add_argument("--results", type=Path, nargs="+", required=True)
+    comparer.add_argument("--models", type=Path, default=Path("models"))
     args = parser.parse_args()
-    run(args) if args.command == "run" else render(args)
+    {"run": run, "render": render, "oscillation": compare_oscillation}[args.command](args)
 
 
 if __name__ == "__main__":
