@@ -128,9 +128,13 @@ def merge_units(model: onnx.ModelProto, units: list[Unit], schedule: Schedule) -
     return merged
 
 
+def total_variation(losses: list[float]) -> float:
+    return sum(abs(b - a) for a, b in zip(losses, losses[1:]))
+
+
 def oscillation(losses: list[float]) -> float:
     """Total variation of the loss sequence relative to its sum: 0 for a flat sequence; large when
     losses jump up and down from unit to unit."""
     total = sum(losses)
-    return sum(abs(b - a) for a, b in zip(losses, losses[1:])) / total if total else 0.0
+    return total_variation(losses) / total if total else 0.0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import onnxmodcap
 from onnxmodcap.evaluate import evaluate
-from onnxmodcap.modcap import oscillation
+from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
 from onnxmodcap.prepare import prepare
 
@@ -131,10 +131,6 @@ def render(args) -> None:
     text = args.out.read_text() if args.out.exists() else f"{TABLE_START}\n{TABLE_END}\n"
     before, rest = text.split(TABLE_START, 1)
     args.out.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
-
-
-def total_variation(losses: list[float]) -> float:
-    return sum(abs(b - a) for a, b in zip(losses, losses[1:]))
 
 
 def without_modcap(record: dict) -> tuple:
