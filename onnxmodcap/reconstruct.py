@@ -17,10 +17,6 @@ its float input is corrected (distribution correction): Adam moves it so that, i
 per-channel mean and std of every BatchNormalization inside the unit match that BN's running
 statistics, with a penalty ||X_c - X||^2 / lambda_c; X_c then replaces the float input, and the float
 unit's output on X_c becomes the target.
-
-A ModCap group (several units merged by `modcap`) is reconstructed as one unit, then again unit by
-unit from the same starting quantizers, and keeps whichever of the two reproduces the group's
-output better (`reconstruct_group`).
 """
 
 from __future__ import annotations

@@ -85,7 +85,6 @@ def measure(spec: dict, seed: int, args) -> dict:
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
             "oscillation": losses.get("oscillation"), "unit_losses_after": losses.get("after"),
             "merged": result.report.get("modcap", {}).get("merged"),
-            "kept": [u["kept"] for u in recon if u.get("kept")],
             "parity": result.validation.to_dict(), "code": code_state(),
             "threads": os.environ.get("OMP_NUM_THREADS"), "load_after": os.getloadavg()[0],
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -111,7 +110,7 @@ def render(args) -> None:
     for record in records:
         groups.setdefault((*key(record)[:6], record.get("weight_lr"), record["code"]), []).append(record)
     lines = ["| model | W/A | method | modcap | iters/unit | rounding lr | code | seeds | top-1 % mean ± sd | per seed | "
-             "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0; reconstruction kept) |",
+             "oscillation mean | quantize s mean | recon s mean | DC s mean | merged (seed 0) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, wbits, abits, method, modcap, iters, lr, code), rows in sorted(groups.items(), key=lambda item: str(item[0])):
         rows.sort(key=lambda r: r["seed"])
@@ -119,8 +118,7 @@ def render(args) -> None:
         spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
         mean = lambda field: statistics.fmean(r[field] for r in rows)  # noqa: E731
         oscillation = f"{mean('oscillation'):.3f}" if rows[0]["oscillation"] is not None else "–"
-        kept = [f" ({k})" for k in rows[0].get("kept", [])] or [""] * len(rows[0]["merged"] or [])
-        merged = "; ".join("+".join(g) + k for g, k in zip(rows[0]["merged"], kept)) if rows[0]["merged"] else "–"
+        merged = "; ".join("+".join(g) for g in rows[0]["merged"]) if rows[0]["merged"] else "–"
         lines.append(f"| {model} | W{wbits}A{abits} | {method} | {modcap} | {iters} | {lr or '–'} | {code} | {len(rows)} | "
                      f"{statistics.fmean(top1):.2f} ± {spread:.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
                      f"{oscillation} | {mean('quantize_seconds'):.0f} | {mean('reconstruction_seconds'):.0f} | "
