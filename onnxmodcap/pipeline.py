@@ -228,13 +228,11 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     initial_state = quantizer_state(sim.quantizers)
 
     def run_reconstruction(on: NetworkMirror, saving: Checkpointer | None, resume: bool, cache: Path) -> list[dict]:
-        groups = schedule.groups if schedule and on is not sim.mirror else []
-        prediction = pdquant_inputs(sim, on, groups, device) if config.method == "pdquant" else None
-        parts = {i: [sim.mirror.units[u] for u in group] for i, group in enumerate(groups) if len(group) > 1}
+        prediction = pdquant_inputs(sim, on, device) if config.method == "pdquant" else None
         return results_to_dicts(reconstruct(
             on, sim.quantizers, sim.data.inputs, settings, device, config.seed, cache_folder=cache,
             cache_budget=int(config.cache_mem * (1 << 30)), checkpointer=saving, resume=resume,
-            prediction=prediction, parts=parts))
+            prediction=prediction))
 
     report: dict = {"reconstruction_settings": {"preset": config.resolved_preset, **asdict(settings)}}
     if config.preset == "auto":
@@ -280,12 +278,9 @@ def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.devic
     return choose_groups(config.granularity, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
 
 
-def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, groups: list[list[int]], device: torch.device) -> Prediction:
-    """The float network as `mirror` divides it, and the units of each ModCap group (`groups`) in float."""
+def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device) -> Prediction:
     float_mirror = NetworkMirror(sim.prepared, [u.unit for u in mirror.units]).eval().to(device)
-    float_units = NetworkMirror(sim.prepared, sim.units).eval().to(device).units if groups else []
-    float_parts = {i: [float_units[u] for u in group] for i, group in enumerate(groups) if len(group) > 1}
-    return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats), float_parts)
+    return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats))
 
 
 def work_folder(output: Path, config: QuantizeConfig) -> Path:

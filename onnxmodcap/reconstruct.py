@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
-from .checkpoint import Checkpointer, quantizer_state, restore_quantizers
+from .checkpoint import Checkpointer
 from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .quantizers import QuantizerSet, keep_mask
 
@@ -123,23 +123,15 @@ class UnitResult:
     seconds: float
     distribution_correction: str = ""  # pdquant: what the correction did for this unit
     correction_seconds: float = 0.0  # pdquant: time of the correction, not included in `seconds`
-    # ModCap groups: the group's output error after joint and after unit-by-unit reconstruction,
-    # and which of the two the run kept (loss_after is that one's)
-    joint_loss: float | None = None
-    split_loss: float | None = None
-    kept: str = ""
 
 
 def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,
                 settings: ReconstructionSettings, device: torch.device, seed: int, cache_folder: Path,
                 cache_budget: int = DEFAULT_CACHE_BYTES, checkpointer: Checkpointer | None = None,
-                resume: bool = False, prediction: Prediction | None = None,
-                parts: dict[int, list[UnitMirror]] | None = None) -> list[UnitResult]:
+                resume: bool = False, prediction: Prediction | None = None) -> list[UnitResult]:
     """Reconstruct every unit in order; after each, save a checkpoint when a checkpointer is given.
     With `resume`, the quantizers of finished units come from the checkpoint and the run continues
-    from the next unit with the random state it would have had. pdquant needs `prediction`.
-    `parts` maps the index of each ModCap group to the units it merges (sharing its quantizers):
-    such a group is reconstructed jointly and unit by unit, and keeps the better (`reconstruct_group`)."""
+    from the next unit with the random state it would have had. pdquant needs `prediction`."""
     if settings.method not in METHODS:
         raise UserError(f"unknown reconstruction method {settings.method!r}: choose {', '.join(METHODS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -161,17 +153,10 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                         generator.set_state(resumed.generator_state)
                         torch.set_rng_state(resumed.torch_state)
                     data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
-                    rest = None if logits is None else FloatRest.after(prediction.float_mirror, index, float_stream,
-                                                                      logits, device)
-                    trained = data if rest is None else prediction_data(data, prediction.float_mirror.units[index], rest,
-                                                                        prediction, settings, device, cache)
-                    if parts and index in parts:
-                        split = PartsContext(parts[index], None if rest is None else prediction.float_parts[index], rest, prediction,
-                                             quantizers, cache)
-                        results.append(reconstruct_group(unit, trained, data, split, settings, device, generator))
-                    else:
-                        results.append(reconstruct_unit(unit, trained, settings, device, generator))
-                    for cached in trained.temporary:
+                    if logits is not None:
+                        data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
+                    results.append(reconstruct_unit(unit, data, settings, device, generator))
+                    for cached in data.temporary:
                         cache.release(cached)
                     if checkpointer:
                         checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
@@ -188,7 +173,6 @@ class Prediction:
 
     float_mirror: NetworkMirror
     bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    float_parts: dict[int, list[UnitMirror]] = field(default_factory=dict)  # ModCap groups' units, in float
 
 
 def batchnorm_targets(stats: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -222,30 +206,17 @@ def float_logits(float_mirror: NetworkMirror, inputs: np.ndarray, cache: TensorC
     return logits
 
 
-@dataclass
 class FloatRest:
-    """The float network after one unit: carries that unit's outputs on to the logits, reading any
-    other tensor it needs from `others` (the float model's, all calibration images)."""
+    """The float network after one unit: carries that unit's outputs on to the logits."""
 
-    units: list[UnitMirror]
-    outputs: list[str]
-    others: dict[str, CachedTensor]
-    logits_name: str
-    logits: CachedTensor
-    device: torch.device
-
-    @classmethod
-    def after(cls, float_mirror: NetworkMirror, index: int, stream: TensorStream, logits: CachedTensor,
-              device: torch.device) -> FloatRest:
-        outputs = float_mirror.units[index].unit.outputs
-        others = {name: t for name, t in stream.tensors.items() if name not in outputs}
-        return cls(list(float_mirror.units[index + 1:]), outputs, others, float_mirror.output_names[0], logits, device)
-
-    def inside(self, float_parts: list[UnitMirror], position: int, floats: dict[str, CachedTensor]) -> FloatRest:
-        """The rest after part `position` of a group this rest follows, given the float tensors so far."""
-        outputs = float_parts[position].unit.outputs
-        others = {name: t for name, t in {**self.others, **floats}.items() if name not in outputs}
-        return replace(self, units=[*float_parts[position + 1:], *self.units], outputs=outputs, others=others)
+    def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, logits: CachedTensor,
+                 device: torch.device):
+        self.units = list(float_mirror.units[index + 1:])
+        self.outputs = float_mirror.units[index].unit.outputs
+        self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
+        self.logits_name = float_mirror.output_names[0]
+        self.logits = logits
+        self.device = device
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> torch.Tensor:
         env = dict(zip(self.others, channels_last([t[picks].to(self.device) for t in self.others.values()])))
@@ -255,9 +226,11 @@ class FloatRest:
         return env[self.logits_name]
 
 
-def prediction_data(data: UnitData, float_unit: UnitMirror, rest: FloatRest, prediction: Prediction,
+def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: TensorStream, logits: CachedTensor,
                     settings: ReconstructionSettings, device: torch.device, cache: TensorCache) -> UnitData:
     started = time.monotonic()
+    float_unit = prediction.float_mirror.units[index]
+    rest = FloatRest(prediction.float_mirror, index, stream, logits, device)
     if not settings.dc:
         return replace(data, rest=rest, correction="off (--no-dc)")
     corrected, correction = correct_distribution(float_unit, data.float_inputs, prediction.bn_targets, settings,
@@ -578,75 +551,6 @@ def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionS
     loss_after = measure_loss(unit, data.quantized_inputs, data.reference_outputs, device)
     return UnitResult(unit.unit.name, loss_before, loss_after, settings.iters, round(time.monotonic() - started, 2),
                       data.correction, data.correction_seconds)
-
-
-@dataclass
-class PartsContext:
-    """What reconstructing a ModCap group unit by unit needs besides the group's own data."""
-
-    parts: list[UnitMirror]
-    float_parts: list[UnitMirror] | None  # pdquant: the parts without quantizers
-    rest: FloatRest | None  # pdquant: the float network after the group
-    prediction: Prediction | None
-    quantizers: QuantizerSet
-    cache: TensorCache
-
-
-def reconstruct_group(group: UnitMirror, trained: UnitData, data: UnitData, split: PartsContext,
-                      settings: ReconstructionSettings, device: torch.device, generator: torch.Generator) -> UnitResult:
-    """A ModCap group reconstructed jointly (on `trained`, its data after PD-Quant's correction) and
-    then again unit by unit from the same start; the group keeps whichever ends with the lower output
-    error. Joint reconstruction is the point of ModCap, but it is not always the better one: with
-    QDrop at 2-bit activations, three MobileNetV2 blocks reconstructed jointly ended at 1.6x the
-    error of the same blocks one by one (benchmarks_modcap.md, round 9)."""
-    start = quantizer_state(split.quantizers)
-    joint = reconstruct_unit(group, trained, settings, device, generator)
-    joint_state = quantizer_state(split.quantizers)
-    restore_quantizers(split.quantizers, start)
-    started = time.monotonic()
-    part_results = reconstruct_parts(group, split, data, settings, device, generator)
-    split_loss = measure_loss(group, data.quantized_inputs, data.reference_outputs, device)
-    correction = sum(r.correction_seconds for r in part_results)
-    both = replace(joint, seconds=round(joint.seconds + time.monotonic() - started - correction, 2),
-                   correction_seconds=joint.correction_seconds + correction, joint_loss=joint.loss_after,
-                   split_loss=split_loss)
-    if joint.loss_after <= split_loss:
-        restore_quantizers(split.quantizers, joint_state)
-        return replace(both, kept="joint")
-    return replace(both, loss_after=split_loss, kept="unit by unit")
-
-
-def reconstruct_parts(group: UnitMirror, split: PartsContext, data: UnitData, settings: ReconstructionSettings,
-                      device: torch.device, generator: torch.Generator) -> list[UnitResult]:
-    """The group's units one after another, as without ModCap: each one's target is its float output
-    on the float input, its input the quantized output of the units before it."""
-    floats = dict(zip(group.unit.inputs, data.float_inputs))
-    quantized = dict(zip(group.unit.inputs, data.quantized_inputs))
-    made: list[CachedTensor] = []
-    results = []
-    for position, part in enumerate(split.parts):
-        float_inputs = [floats[name] for name in part.unit.inputs]
-        quantized_inputs = [quantized[name] for name in part.unit.inputs]
-        part.set_quantization(False)
-        float_outputs = split.cache.store(run_in_batches(part, float_inputs, device), len(float_inputs[0]))
-        part.set_quantization(True)
-        floats.update(zip(part.unit.outputs, float_outputs))
-        part_data = UnitData(quantized_inputs, float_inputs, float_outputs, float_outputs)
-        if split.rest is not None:
-            part_data = prediction_data(part_data, split.float_parts[position],
-                                        split.rest.inside(split.float_parts, position, floats), split.prediction,
-                                        settings, device, split.cache)
-        results.append(reconstruct_unit(part, part_data, settings, device, generator))
-        for cached in part_data.temporary:
-            split.cache.release(cached)
-        made += float_outputs
-        if position + 1 < len(split.parts):
-            quantized_outputs = split.cache.store(run_in_batches(part, quantized_inputs, device), len(quantized_inputs[0]))
-            quantized.update(zip(part.unit.outputs, quantized_outputs))
-            made += quantized_outputs
-    for cached in made:
-        split.cache.release(cached)
-    return results
 
 
 def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
