@@ -124,7 +124,8 @@ def merge_units(model: onnx.ModelProto, units: list[Unit], schedule: Schedule) -
             merged.append(replace(units[group[0]], index=index))
             continue
         group_nodes = [nodes[name] for i in group for name in units[i].nodes]
-        merged.append(make_unit(index, "+".join(units[i].name for i in group), group_nodes, model, constants))
+        merged.append(make_unit(index, "+".join(units[i].name for i in group), group_nodes, model, constants,
+                                group_size=len(group)))
     return merged
 
 

@@ -41,6 +41,7 @@ class Unit:
     inputs: list[str]
     outputs: list[str]
     layers: list[str]
+    group_size: int = 1  # partition units reconstructed together in this one (a ModCap group)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +221,7 @@ def unit_name(k: int, count: int, has_stem: bool, has_head: bool) -> str:
 
 
 def make_unit(index: int, name: str, nodes: list[onnx.NodeProto], model: onnx.ModelProto,
-              constants: set[str]) -> Unit:
+              constants: set[str], group_size: int = 1) -> Unit:
     produced = {out for n in nodes for out in n.output if out}
     inside = {n.name for n in nodes}
     used_after = {o.name for o in model.graph.output}
@@ -240,4 +241,5 @@ def make_unit(index: int, name: str, nodes: list[onnx.NodeProto], model: onnx.Mo
         inputs=inputs,
         outputs=outputs,
         layers=[n.name for n in nodes if is_weighted(n, constants)],
+        group_size=group_size,
     )

@@ -53,7 +53,7 @@ class ReconstructionSettings:
     by network (0.01 for ResNet/RegNet, 0.1 for MobileNet-like, see `network_defaults`) and beta
     20 -> 2 after a 20 % warm-up, Adam 1e-3 on the rounding variables (PD-Quant's code: 3e-3, see
     `method_defaults`) and 4e-5 with cosine decay on the activation step sizes, QDrop probability
-    0.5. PD-Quant: lambda_r 0.1, temperature and
+    0.5 (per unit; lower inside ModCap groups, see `drop_probability`). PD-Quant: lambda_r 0.1, temperature and
     lambda_c by network (T 4, lambda_c 0.02 for ResNet/RegNet; T 1, lambda_c 0.005 for
     MobileNet-like), distribution correction with Adam 1e-3 for 500 steps (`correction_steps`)."""
 
@@ -524,7 +524,7 @@ def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTr
     for quantizer in activations:
         quantizer.learning = True
         quantizer.scale.requires_grad_(True)
-        quantizer.drop_prob = settings.drop_prob if settings.drops else 0.0
+        quantizer.drop_prob = drop_probability(settings, unit)
     optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr, fused=True)] if weights else []
     schedulers = []
     if activations:
@@ -532,6 +532,17 @@ def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTr
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
     return UnitTraining(weights, activations, optimizers, schedulers)
+
+
+def drop_probability(settings: ReconstructionSettings, unit: UnitMirror) -> float:
+    """QDrop's probability for one unit. A ModCap group of n units drops with 1 - (1 - p)^(1/n) at
+    each site, so that an element stays quantized across the whole group as often as across one
+    unit (p = 0.5: 0.29 in a group of two, 0.21 in a group of three). With p itself at every site
+    of a three-unit group, the group's output error at 2-bit activations ended well above
+    unit-by-unit reconstruction, and far apart from seed to seed (benchmarks_modcap.md, rounds 9 and 11)."""
+    if not settings.drops:
+        return 0.0
+    return 1.0 - (1.0 - settings.drop_prob) ** (1.0 / unit.unit.group_size)
 
 
 def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
@@ -569,7 +580,7 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     quantized = [t[picks].to(device) for t in data.quantized_inputs]
     batch, keeps = quantized, [None] * len(quantized)
     if settings.drops:
-        keeps = [keep_mask(q, 1.0 - settings.drop_prob) for q in quantized]
+        keeps = [keep_mask(q, 1.0 - drop_probability(settings, unit)) for q in quantized]
         batch = [torch.lerp(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]

@@ -16,11 +16,12 @@ from onnxmodcap.cli import main
 from onnxmodcap.errors import Interrupted
 from onnxmodcap.inspect_model import inspect_model
 from onnxmodcap.mirror import NetworkMirror
-from onnxmodcap.modcap import choose_groups, data_capacities, merge_units, oscillation
+from onnxmodcap.modcap import choose_groups, data_capacities, data_free_capacities, merge_units, oscillation
 from onnxmodcap.partition import Unit
 from onnxmodcap.pipeline import QuantizeConfig, simulate
 from onnxmodcap.reconstruct import (
-    CachedTensor, ChannelMoments, FloatRest, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, statistics_error,
+    CachedTensor, ChannelMoments, FloatRest, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, drop_probability,
+    start_training, statistics_error,
 )
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
@@ -81,6 +82,22 @@ def test_merged_units_compute_exactly_what_the_units_computed(exported_model, ca
             sim.mirror.set_quantization(quantized)
             merged.set_quantization(quantized)
             assert torch.equal(sim.mirror(batch)[0], merged(batch)[0])
+
+
+def test_qdrop_keeps_an_element_quantized_across_a_group_as_often_as_across_one_unit(exported_model, calib):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    sim = simulate(path, calib, QuantizeConfig(bits=4, num_calib=32), torch.device("cpu"))
+    schedule = choose_groups("free", sim.units, data_free_capacities(sim.prepared.model, sim.units, sim.plan), pairs=4)
+    merged = NetworkMirror(sim.prepared, merge_units(sim.prepared.model, sim.units, schedule)).eval()
+    merged.attach(sim.quantizers)
+    assert max(len(group) for group in schedule.groups) > 1
+    for unit, group in zip(merged.units, schedule.groups):
+        assert unit.unit.group_size == len(group)
+        assert drop_probability(ReconstructionSettings(method="brecq"), unit) == 0.0
+        activations = start_training(unit, ReconstructionSettings(method="qdrop")).activations
+        assert activations or unit.unit.name in ("stem", "head")  # 8-bit ends learn no step sizes
+        for quantizer in activations:
+            assert (1.0 - quantizer.drop_prob) ** len(group) == pytest.approx(0.5)
 
 
 def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_model, calib, tmp_path):
