@@ -5,6 +5,7 @@ oscillation of the per-unit losses, and wall times.
         --run mobilenetv2_x0_5:2:4:qdrop --run mobilenetv2_x0_5:2:4:qdrop:data ...
     python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out benchmarks_modcap.md
     python tools/bench_modcap.py oscillation --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
+    python tools/bench_modcap.py grid --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
 
 A run is MODEL:WBITS:ABITS:METHOD[:MODCAP] (MODEL: a stem in --models). Each (run, seed) quantizes
 in this process with `onnxmodcap.quantize(...)` (calibration folder, all images), then evaluates
@@ -14,7 +15,9 @@ Several `run` processes with different --results files can share the machine; `r
 into the table between the marker comments of --out, leaving the rest of that file as it is.
 `oscillation` pairs each ModCap run with the run without ModCap of the same seed and settings, and
 prints the oscillation figure over all units and over the ModCap run's group ends only (the outputs
-that both runs reconstruct), with the loss sum and total variation it is the ratio of.
+that both runs reconstruct), with the loss sum and total variation it is the ratio of. `grid`
+prints one table of top-1 and time per model, bit width and method, the latest record of each
+seed counting.
 """
 
 from __future__ import annotations
@@ -164,6 +167,33 @@ def compare_oscillation(args) -> None:
               + " | ".join(f"{means[i]:.3g} / {means[i + 1]:.3g}" for i in range(0, 8, 2)) + " |")
 
 
+GRID_COLUMNS = [("rtn", "off"), ("brecq", "off"), ("brecq", "data"), ("brecq", "free"), ("qdrop", "off"),
+                ("qdrop", "data"), ("qdrop", "free"), ("pdquant", "off"), ("pdquant", "data"), ("pdquant", "free")]
+
+
+def grid(args) -> None:
+    """Top-1 and quantize time per model, bit width and method, over runs at the preset's
+    iterations and rounding rate. A run measured again replaces the earlier record of the same
+    seed: pass the files oldest first."""
+    latest = {key(r): r for r in read_records(args.results) if r["iters"] is None and r.get("round_lr") is None}
+    cells: dict[tuple, list[dict]] = {}
+    for record in latest.values():
+        cells.setdefault((record["model"], record["wbits"], record["abits"], record["method"], record["modcap"]),
+                         []).append(record)
+    columns = [c for c in GRID_COLUMNS if any(k[3:] == c for k in cells)]
+    print("Each cell: top-1 % (mean of the seeds) / quantize s (mean); seeds in brackets where fewer than 3.\n")
+    print("| model | W/A | " + " | ".join(m if c == "off" else f"{m} + {c}" for m, c in columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
+    for model, wbits, abits in sorted({k[:3] for k in cells}, key=lambda k: (k[0], -k[1], -k[2])):
+        row = []
+        for column in columns:
+            runs = cells.get((model, wbits, abits, *column), [])
+            seeds = f" [{len(runs)}]" if 0 < len(runs) < 3 else ""
+            row.append(f"{100 * statistics.fmean(r['top1'] for r in runs):.2f} / "
+                       f"{statistics.fmean(r['quantize_seconds'] for r in runs):.0f}{seeds}" if runs else "–")
+        print(f"| {model} | W{wbits}A{abits} | " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,8 +214,10 @@ def main() -> None:
     comparer = commands.add_parser("oscillation")
     comparer.add_argument("--results", type=Path, nargs="+", required=True)
     comparer.add_argument("--models", type=Path, default=Path("models"))
+    gridder = commands.add_parser("grid")
+    gridder.add_argument("--results", type=Path, nargs="+", required=True)
     args = parser.parse_args()
-    {"run": run, "render": render, "oscillation": compare_oscillation}[args.command](args)
+    {"run": run, "render": render, "oscillation": compare_oscillation, "grid": grid}[args.command](args)
 
 
 if __name__ == "__main__":
