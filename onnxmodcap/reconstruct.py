@@ -54,8 +54,9 @@ class ReconstructionSettings:
     20 -> 2 after a 20 % warm-up, Adam 1e-3 on the rounding variables (PD-Quant's code: 3e-3, see
     `method_defaults`) and 4e-5 with cosine decay on the activation step sizes, QDrop probability
     0.5 (per unit; lower inside ModCap groups, see `drop_probability`). PD-Quant: lambda_r 0.1,
-    temperature and lambda_c by network (T 4, lambda_c 0.02 for ResNet/RegNet; T 1, lambda_c 0.005 for
-    MobileNet-like), distribution correction with Adam 1e-3 for 500 steps (`correction_steps`)."""
+    temperature and lambda_c by network (T 4, lambda_c 0.02 for ResNet/RegNet; T 1, lambda_c
+    0.005 for MobileNet-like), distribution correction with Adam 1e-3 for 500 steps
+    (`correction_steps`)."""
 
     method: str = "qdrop"
     iters: int = PAPER_ITERS
