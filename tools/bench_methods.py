@@ -48,16 +48,18 @@ def versions() -> dict:
     return found
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_model(unknown: str = "unknown CPU") -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.node()}, {platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu})"
+    return unknown
+
+
+def machine() -> str:
+    return f"{platform.node()}, {platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu_model()})"
 
 
 def load_average() -> str:

@@ -51,6 +51,8 @@ from onnxmodcap.datasets import Skipped, open_images, prepared_batches
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.preprocess import preprocessing_for_onnx
 
+from bench_methods import cpu_model  # tools/ is on sys.path when a tool runs as a script
+
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## RTN baselines (issue 4)"
 DEFAULT_MODELS = ("models/resnet18.onnx", "models/mobilenetv2_x0_5.onnx", "models/regnetx*.onnx")
@@ -528,14 +530,7 @@ def summary_markdown(results: list[ModelResult]) -> list[str]:
 
 
 def machine_facts() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(unknown=platform.processor() or platform.machine())
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
