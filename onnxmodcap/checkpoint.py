@@ -30,7 +30,7 @@ class Resumed:
     completed: int
     results: list[dict]
     generator_state: torch.Tensor
-    torch_state: torch.Tensor
+    device_state: torch.Tensor  # torch's default generator on the run's device
 
 
 class Checkpointer:
@@ -39,11 +39,12 @@ class Checkpointer:
         self.fingerprint = fingerprint
         self.note = note
 
-    def save(self, completed: int, quantizers: QuantizerSet, results: list[dict], generator: torch.Generator) -> None:
+    def save(self, completed: int, quantizers: QuantizerSet, results: list[dict], generator: torch.Generator,
+             device: torch.device) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = quantizer_state(quantizers)
         state["rng/generator"] = generator.get_state()
-        state["rng/torch"] = torch.get_rng_state()
+        state["rng/torch"] = device_rng_state(device)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
@@ -76,6 +77,18 @@ class Checkpointer:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of torch's default generator on `device`, which QDrop's masks draw from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_device_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def quantizer_state(quantizers: QuantizerSet) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,35 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     output = output_path(model_path, config)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    with exact_float32(device):
+        return run_on(device, model_path, calib_path, config, output, started)
 
+
+@contextmanager
+def exact_float32(device: torch.device):
+    """On CUDA, while a run lasts: convolutions and matrix products in full float32, not TF32 (which
+    torch's cuDNN convolutions use by default from Ampere on, rounding their inputs to 10-bit
+    mantissas: far beyond the rounding noise that validation allows), and deterministic kernels, so
+    that one seed gives one file. torch's settings are restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode reads it
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = False
+    # warn_only: the few ops without a deterministic CUDA backward (a reflect Pad) warn instead of failing
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark = saved[:3]
+        torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+
+
+def run_on(device: torch.device, model_path: Path, calib_path: Path, config: QuantizeConfig, output: Path,
+           started: float) -> QuantizeResult:
     sim = simulate(model_path, calib_path, config, device)
     prepared, units, plan, mirror, quantizers, data = (sim.prepared, sim.units, sim.plan, sim.mirror,
                                                        sim.quantizers, sim.data)

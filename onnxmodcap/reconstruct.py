@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, set_device_rng_state
 from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .quantizers import QuantizerSet, keep_mask
 
@@ -152,7 +152,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                 if index >= len(results):
                     if resumed and index == resumed.completed:
                         generator.set_state(resumed.generator_state)
-                        torch.set_rng_state(resumed.torch_state)
+                        set_device_rng_state(resumed.device_state, device)
                     data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
                     if logits is not None:
                         data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
@@ -160,7 +160,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                     for cached in data.temporary:
                         cache.release(cached)
                     if checkpointer:
-                        checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator)
+                        checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator, device)
                     overall.update(1)
                     overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
                 quantized_stream.advance(index, unit, quantized=True, device=device)

@@ -17,6 +17,9 @@ TENSORRT_NOTE = ("note: the model targets TensorRT; ONNX Runtime runs its Q/DQ a
                  "into its CPU int8 kernels")
 QUANTIZATION_METADATA_KEY = "onnxmodcap.quantization"  # how onnxmodcap quantized a model (export.py)
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# The CUDA provider computes float32 convolutions in TF32 unless told otherwise; the simulation does
+# not (pipeline.exact_float32), and TF32's 10-bit mantissas would move activations across their grid.
+PROVIDER_OPTIONS = {"cuda": {"use_tf32": "0"}, "cpu": {}}
 
 
 def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceSession:
@@ -30,7 +33,7 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     available = ort.get_available_providers()
     if provider == "cuda" and PROVIDERS["cuda"] not in available:
         raise UserError("--provider cuda requested but onnxruntime has no CUDA execution provider here")
-    wanted = [PROVIDERS["cpu"]] if provider == "cpu" else [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    wanted = ["cpu"] if provider == "cpu" else ["cuda", "cpu"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # A CUDA provider that fails to load logs an error before falling back; the fallback is reported
@@ -40,7 +43,9 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     if tensorrt:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        session = ort.InferenceSession(model, options, providers=[p for p in wanted if p in available])
+        loadable = [name for name in wanted if PROVIDERS[name] in available]
+        session = ort.InferenceSession(model, options, providers=[PROVIDERS[name] for name in loadable],
+                                       provider_options=[PROVIDER_OPTIONS[name] for name in loadable])
         if tensorrt and session_provider(session) == "cpu":
             print(TENSORRT_NOTE, file=sys.stderr)
     except Exception as err:  # onnxruntime raises its own exception types per failure kind

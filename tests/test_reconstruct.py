@@ -95,6 +95,22 @@ def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
 
 
+
+def test_a_cuda_run_computes_in_full_float32_with_deterministic_kernels_and_restores_torch(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def settings():
+        return cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+
+    before = settings()
+    with pipeline.exact_float32(torch.device("cpu")):
+        assert settings() == before
+    with pipeline.exact_float32(torch.device("cuda")):
+        assert settings() == (False, False, False, True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert settings() == before
+
 def quantize_command(model, calib, output, work, *extra):
     return [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(model), "--calib", str(calib), "--bits", "4",
             "--method", "qdrop", "--iters", "150", "--num-calib", "96", "-o", str(output), "--work-dir", str(work),
