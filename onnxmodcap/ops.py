@@ -305,7 +305,7 @@ def cast(call: Call, x):
 @op("Shape")
 def shape(call: Call, x):
     dims = list(x.shape)[call.attrs.get("start", 0):call.attrs.get("end", None)]
-    return torch.tensor(dims, dtype=torch.int64)
+    return torch.tensor(dims, dtype=torch.int64, device=x.device)  # shape arithmetic meets constants there
 
 
 @op("Reshape")
@@ -407,7 +407,7 @@ def expand(call: Call, x, target):
 
 @op("Range")
 def range_(call: Call, start, limit, delta):
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 @op("ConstantOfShape")
@@ -415,7 +415,7 @@ def constant_of_shape(call: Call, target):
     value = call.attrs.get("value")
     array = onnx.numpy_helper.to_array(value) if value is not None else None
     fill = torch.from_numpy(array.copy()) if array is not None else torch.zeros(1)
-    return fill.reshape(()).expand(as_ints(target)).clone()
+    return fill.to(target.device).reshape(()).expand(as_ints(target)).clone()
 
 
 @op("Pad")

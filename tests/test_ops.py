@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmodcap.errors import UserError
 from onnxmodcap.inspect_model import inspect_model
+from onnxmodcap.ops import OPS, Call
 
 RNG = np.random.default_rng(0)
 TOLERANCE = 1e-5
@@ -196,3 +198,9 @@ def test_resize_cubic_is_refused_clearly(tmp_path):
     onnx.save(resize_case({"mode": "cubic"}, scales=[1, 1, 2, 2]), tmp_path / "m.onnx")
     with pytest.raises(UserError, match=r"^Resize node 'Resize_0': mode 'cubic' with coordinate"):
         inspect_model(tmp_path / "m.onnx", verify=True)
+
+
+def test_shape_values_live_on_the_device_of_the_tensor_they_describe():
+    """On CUDA a Shape result meets constants (Gather indices, Concat parts) that live on the GPU."""
+    described = torch.empty(2, 3, device="meta")
+    assert OPS["Shape"](Call("s", "Shape", {}, 17, 1), described).device == described.device
