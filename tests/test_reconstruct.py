@@ -95,7 +95,6 @@ def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
 
 
-
 def test_a_cuda_run_computes_in_full_float32_with_deterministic_kernels_and_restores_torch(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -110,6 +109,7 @@ def test_a_cuda_run_computes_in_full_float32_with_deterministic_kernels_and_rest
         assert settings() == (False, False, False, True)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert settings() == before
+
 
 def quantize_command(model, calib, output, work, *extra):
     return [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(model), "--calib", str(calib), "--bits", "4",
