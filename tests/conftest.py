@@ -13,6 +13,20 @@ TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo")
 EXPORTERS = TORCH_EXPORTERS + ("paddle",)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="the --device of the quantize runs in the parity, determinism and resume tests "
+                          "(default cpu; CI has no GPU)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    chosen = request.config.getoption("--device")
+    if chosen == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda: torch sees no CUDA device", returncode=4)
+    return chosen
+
+
 def export_zoo_model(name, exporter, folder):
     """Build zoo model `name` (seeded) and export it; returns (path, ZooEntry or None for paddle)."""
     if exporter == "paddle":

@@ -134,10 +134,11 @@ def test_channel_moments_match_torch_mean_and_variance_and_their_gradients():
     assert torch.autograd.gradcheck(ChannelMoments.apply, (values,))
 
 
-def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inputs(exported_model, calib, tmp_path):
+def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inputs(exported_model, calib, tmp_path,
+                                                                                    device):
     path, _ = exported_model("resnet18", "legacy_bn")
     result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="pdquant", modcap="data", preset="fast",
-                                 iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"))
+                                 iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"), device=device)
     assert result.validation.parity_ok and result.validation.held_out
     merged = result.report["modcap"]["merged"]
     assert sum(len(group) - 1 for group in merged) == 2  # pairs merged: the default for 8 blocks
@@ -221,10 +222,11 @@ def test_bad_options_give_one_error_line(calib, tmp_path, options, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_pdquant_modcap_run_resumes_to_the_identical_file(exported_model, calib, tmp_path, monkeypatch):
+def test_interrupted_pdquant_modcap_run_resumes_to_the_identical_file(exported_model, calib, tmp_path, device,
+                                                                       monkeypatch):
     path, _ = exported_model("resnet18", "legacy_bn")
     options = {"wbits": 2, "abits": 4, "method": "pdquant", "modcap": "free", "preset": "fast", "iters": 10,
-               "num_calib": 96}
+               "num_calib": 96, "device": device}
     whole = onnxmodcap.quantize(path, calib, output=str(tmp_path / "whole.onnx"), **options).output.read_bytes()
     save = Checkpointer.save
 

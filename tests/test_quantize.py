@@ -37,11 +37,11 @@ def calib_tensors(tmp_path_factory):
     return path
 
 
-def quantize_zoo(exported_model, calib, tmp_path, name, wbits, abits, target="ort", fmt="qdq"):
+def quantize_zoo(exported_model, calib, tmp_path, device, name, wbits, abits, target="ort", fmt="qdq"):
     path, _ = exported_model(name, "legacy")
     output = tmp_path / f"{name}.w{wbits}a{abits}.{target}.{fmt}.onnx"
     return onnxmodcap.quantize(path, calib, method="rtn", wbits=wbits, abits=abits, target=target, format=fmt,
-                               output=str(output), num_calib=CALIB)
+                               output=str(output), num_calib=CALIB, device=device)
 
 
 def assert_parity(result):
@@ -55,12 +55,12 @@ def assert_parity(result):
 @pytest.mark.parametrize("name", sorted(ZOO))
 @pytest.mark.parametrize("wbits, abits, target, fmt", [(4, 4, "ort", "qdq"), (2, 4, "tensorrt", "qdq"),
                                                        (4, 4, "ort", "native"), (2, 4, "ort", "native")])
-def test_every_architecture_exports_with_parity(exported_model, calib_tensors, tmp_path, name, wbits, abits, target,
-                                                fmt):
+def test_every_architecture_exports_with_parity(exported_model, calib_tensors, tmp_path, device, name, wbits, abits,
+                                                target, fmt):
     """Native models once failed to load in ONNX Runtime's default session on GoogLeNet (int8
     activations at opset 21) and on ConvNeXt, MobileNetV3 and the segmentation head (2-bit weight
     types fused into QLinearConv/QGemm); see export.py."""
-    result = quantize_zoo(exported_model, calib_tensors, tmp_path, name, wbits, abits, target, fmt)
+    result = quantize_zoo(exported_model, calib_tensors, tmp_path, device, name, wbits, abits, target, fmt)
     assert_parity(result)
     if target == "tensorrt":
         assert check_tensorrt(str(result.output)) == []
@@ -74,8 +74,8 @@ def activation_zero_point_types(result, model: onnx.ModelProto, max_bits: int) -
 
 @pytest.mark.parametrize("target, fmt", [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")])
 @pytest.mark.parametrize("wbits, abits", [(8, 8), (4, 8), (4, 4), (2, 4)])
-def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path, wbits, abits, target, fmt):
-    result = quantize_zoo(exported_model, calib_tensors, tmp_path, "mobilenetv2", wbits, abits, target, fmt)
+def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path, device, wbits, abits, target, fmt):
+    result = quantize_zoo(exported_model, calib_tensors, tmp_path, device, "mobilenetv2", wbits, abits, target, fmt)
     assert_parity(result)
     model = onnx.load(result.output)
     metadata = json.loads({p.key: p.value for p in model.metadata_props}["onnxmodcap.quantization"])
@@ -300,14 +300,14 @@ def test_another_convolution_order_changes_torchs_sums_and_nothing_after():
     assert torch.equal(torch.nn.functional.conv2d(x, weight), usual)
 
 
-def test_a_model_with_many_rounding_flips_passes_parity_against_torchs_own_noise(tmp_path):
+def test_a_model_with_many_rounding_flips_passes_parity_against_torchs_own_noise(tmp_path, device):
     """The shipped RegNetX at W2A4 after 200 BRECQ iterations (seed 2): its values sit on rounding
     boundaries, and on the 2-core CI machine 17 of 64 images differ between ONNX Runtime and the
     simulation by a flip. A 1e-5 input nudge moves nothing (the 8-bit input grid matches the image
     pixels), so this failed parity until torch's own noise across convolution orders was measured:
     it moves the simulation as far as ONNX Runtime differs from it."""
     result = onnxmodcap.quantize(SHIPPED / "regnetx.onnx", SHIPPED / "calib", wbits=2, abits=4, method="brecq",
-                                 modcap="off", iters=200, seed=2, output=str(tmp_path / "q.onnx"))
+                                 modcap="off", iters=200, seed=2, output=str(tmp_path / "q.onnx"), device=device)
     assert result.validation.parity_ok
     assert result.output.exists()
 

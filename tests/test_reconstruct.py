@@ -42,11 +42,10 @@ def resnet(exported_model):
 
 
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])
-def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib, tmp_path, method):
+def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib, tmp_path, device, method):
     report = tmp_path / "report.json"
     result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, modcap="off", iters=LEARNING_ITERS,
-                                 num_calib=96,
-                                 output=str(tmp_path / "q.onnx"), report=str(report))
+                                 num_calib=96, output=str(tmp_path / "q.onnx"), report=str(report), device=device)
     units = result.report["reconstruction"]
     assert [u["name"] for u in units] == [u["name"] for u in result.report["units"]]
     assert all(u["iterations"] == LEARNING_ITERS for u in units)
@@ -85,11 +84,11 @@ def test_round_lr_overrides_the_preset_and_method_rate(resnet, preset):
     assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == 5e-3
 
 
-def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path):
+def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path, device):
     outputs = []
     for name, cache_mem in (("a.onnx", 4.0), ("b.onnx", 0.0)):
         result = onnxmodcap.quantize(resnet, calib, bits=4, method="qdrop", iters=ITERS, num_calib=96,
-                                     output=str(tmp_path / name), seed=3, cache_mem=cache_mem)
+                                     output=str(tmp_path / name), seed=3, cache_mem=cache_mem, device=device)
         outputs.append(result.output.read_bytes())
     assert outputs[0] == outputs[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
@@ -111,10 +110,10 @@ def test_a_cuda_run_computes_in_full_float32_with_deterministic_kernels_and_rest
     assert settings() == before
 
 
-def quantize_command(model, calib, output, work, *extra):
+def quantize_command(model, calib, output, work, device, *extra):
     return [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(model), "--calib", str(calib), "--bits", "4",
             "--method", "qdrop", "--iters", "150", "--num-calib", "96", "-o", str(output), "--work-dir", str(work),
-            *extra]
+            "--device", device, *extra]
 
 
 def wait_for_checkpoint(work, units, process, timeout=300):
@@ -129,21 +128,21 @@ def wait_for_checkpoint(work, units, process, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(exported_model, calib, tmp_path_factory):
+def uninterrupted(exported_model, calib, tmp_path_factory, device):
     resnet, _ = exported_model("resnet18", "legacy")
     folder = tmp_path_factory.mktemp("whole")
     output = folder / "whole.onnx"
-    subprocess.run(quantize_command(resnet, calib, output, folder / "work"), check=True, capture_output=True)
+    subprocess.run(quantize_command(resnet, calib, output, folder / "work", device), check=True, capture_output=True)
     return output.read_bytes()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, uninterrupted, how):
+def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, device, uninterrupted, how):
     output, work, log = tmp_path / "q.onnx", tmp_path / "work", tmp_path / "stderr.txt"
     before = resnet.read_bytes()
     with open(log, "w") as stream:  # a file, not a pipe: progress bars would fill a pipe nobody reads yet
         # A shell's background job (`.ci/run &`) ignores SIGINT, and so would its children: let this one take it.
-        process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=stream, text=True,
+        process = subprocess.Popen(quantize_command(resnet, calib, output, work, device), stderr=stream, text=True,
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for_checkpoint(work, 3, process)
         os.kill(process.pid, how)
@@ -156,22 +155,22 @@ def test_interrupted_run_resumes_to_the_identical_file(resnet, calib, tmp_path, 
         assert stderr.strip().splitlines()[-1] == (
             f"error: interrupted; finished units are checkpointed in {work}: "
             "run the same command with --resume to continue")
-    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, device, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after unit " in resumed.stderr
     assert output.read_bytes() == uninterrupted
     assert not work.exists()
 
 
-def test_corrupted_checkpoint_is_discarded(resnet, calib, tmp_path, uninterrupted):
+def test_corrupted_checkpoint_is_discarded(resnet, calib, tmp_path, device, uninterrupted):
     output, work = tmp_path / "q.onnx", tmp_path / "work"
-    process = subprocess.Popen(quantize_command(resnet, calib, output, work), stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(quantize_command(resnet, calib, output, work, device), stderr=subprocess.DEVNULL)
     wait_for_checkpoint(work, 2, process)
     process.kill()
     process.wait()
     state = work / "state.pt"
     state.write_bytes(state.read_bytes()[:-100] + b"\0" * 100)
-    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, device, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"checkpoint in {work} is corrupted (hash mismatch): discarded" in resumed.stderr
     assert output.read_bytes() == uninterrupted
@@ -185,10 +184,10 @@ def file_size_limit(limit):
     return apply
 
 
-def test_full_disk_during_checkpoints_then_resume_finishes(resnet, calib, tmp_path, uninterrupted):
+def test_full_disk_during_checkpoints_then_resume_finishes(resnet, calib, tmp_path, device, uninterrupted):
     output, work = tmp_path / "q.onnx", tmp_path / "work"
     before = resnet.read_bytes()
-    full = subprocess.run(quantize_command(resnet, calib, output, work), capture_output=True, text=True,
+    full = subprocess.run(quantize_command(resnet, calib, output, work, device), capture_output=True, text=True,
                           preexec_fn=file_size_limit(400_000))
     assert full.returncode == 1
     assert full.stderr.strip().splitlines()[-1] == (
@@ -197,7 +196,7 @@ def test_full_disk_during_checkpoints_then_resume_finishes(resnet, calib, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert sorted(p.name for p in work.iterdir()) == ["state.json", "state.pt"]
     assert resnet.read_bytes() == before
-    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, device, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after unit " in resumed.stderr
     assert output.read_bytes() == uninterrupted
@@ -228,9 +227,9 @@ main(sys.argv[1:])
 """
 
 
-def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, uninterrupted):
+def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, device, uninterrupted):
     output, work = tmp_path / "q.onnx", tmp_path / "work"
-    command = quantize_command(resnet, calib, output, work)
+    command = quantize_command(resnet, calib, output, work, device)
     crashed = subprocess.run([sys.executable, "-c", CRASH_IN_THIRD_UNIT, *command[3:]], capture_output=True, text=True)
     assert crashed.returncode == 1, crashed.stderr
     assert crashed.stderr.strip().splitlines()[-1] == (
@@ -240,7 +239,7 @@ def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, unint
     assert json.loads((work / "state.json").read_text())["completed"] == 2
     assert stat.S_IMODE(work.stat().st_mode) == 0o700
     assert stat.S_IMODE((work / "state.pt").stat().st_mode) == 0o600
-    resumed = subprocess.run(quantize_command(resnet, calib, output, work, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(quantize_command(resnet, calib, output, work, device, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after unit 2 " in resumed.stderr
     assert output.read_bytes() == uninterrupted
