@@ -2,6 +2,7 @@
 measure the peak resident memory and wall time of `onnxmodcap quantize`.
 
     OMP_NUM_THREADS=2 python tools/bench_load.py [--out /tmp/bench_load] [--images 1024] [--iters 20] [--modcap data]
+                                                 [--device cpu|cuda]
 
 The network is the test zoo's bottleneck ResNet (tests/zoo.py) at width 64 with the ImageNet stem
 (7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool) and 1000 classes, random weights (seed 0),
@@ -114,6 +115,7 @@ def main() -> None:
                         help="data (the default here): merged groups are the largest units, the worst case for memory")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--cache-mem", type=float, help="passed to quantize (default: its own, 4 GiB)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="passed to quantize")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,7 @@ def main() -> None:
     write_images(calib, args.images)
 
     work_dir, report_path = args.out / "work", args.out / "report.json"
-    command = [str(Path(sys.executable).with_name("onnxmodcap")), "quantize", str(model_path),
+    command = [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(model_path), "--device", args.device,
                "--calib", str(calib), "--bits", str(args.bits), "--num-calib", str(args.images),
                "--method", args.method, "--modcap", args.modcap, "--iters", str(args.iters),
                "-o", str(args.out / "resnet50.quant.onnx"), "--report", str(report_path), "--work-dir", str(work_dir)]
