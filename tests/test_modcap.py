@@ -134,8 +134,8 @@ def test_channel_moments_match_torch_mean_and_variance_and_their_gradients():
     assert torch.autograd.gradcheck(ChannelMoments.apply, (values,))
 
 
-def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inputs(exported_model, calib, tmp_path,
-                                                                                    device):
+def test_pdquant_with_data_modcap_corrects_the_inputs_of_single_units_and_not_of_groups(exported_model, calib,
+                                                                                       tmp_path, device):
     path, _ = exported_model("resnet18", "legacy_bn")
     result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="pdquant", modcap="data", preset="fast",
                                  iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"), device=device)
@@ -146,7 +146,8 @@ def test_pdquant_with_data_modcap_reconstructs_groups_after_correcting_their_inp
     assert ["+".join(group) for group in merged] == [name for name in names if "+" in name]
     corrections = {u["name"]: u["distribution_correction"] for u in result.report["reconstruction"]}
     assert corrections["stem"] == "applied (1 BatchNormalization statistics)"
-    assert all(corrections[name].startswith("applied (") for name in names[:-1])
+    assert all(corrections[name].startswith("applied (") for name in names[:-1] if "+" not in name)
+    assert all(corrections[name] == "skipped: a ModCap group" for name in names if "+" in name)
     assert corrections["head"] == "skipped: no BatchNormalization statistics inside the unit"
     settings = result.report["reconstruction_settings"]
     assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (4.0, 0.02, 0.01)
