@@ -168,7 +168,7 @@ def format_evaluation(result) -> str:
 @click.option("--pd-lambda", type=float, help="pdquant: lambda_r; the KL term is weighted 1/lambda_r (default 0.1).")
 @click.option("--dc-lambda", type=float,
               help="pdquant: lambda_c of distribution correction (default 0.02, or 0.005 with depthwise convolutions).")
-@click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction.")
+@click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction (ModCap groups never get it).")
 @click.option("--preset", type=click.Choice(["auto", "paper", "fast"]), default="auto", show_default=True,
               help="Reconstruction settings: paper (the published 20k iterations per unit), fast (1k), or auto "
                    "(paper with --device cuda, else fast).")
