@@ -133,13 +133,14 @@ def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
     return random_bytes.neg_().add_(threshold).clamp_(0, 1)  # 1 where byte < threshold (integers)
 
 
-class LearnedStepQuantize(torch.autograd.Function):
-    """LSQ fake quantization of a per-tensor activation, with QDrop's random mix folded in, as one
-    autograd node. Straight-through rounding: d out/d x is 1 inside the grid and 0 where clamped;
-    d out/d scale is round(v) - v inside and x_int - z where clamped (v = x / scale), times
-    `gradient_scale`. Where `keep` (a 0/1 tensor shaped like x, or None: keep all) is 0 the element
-    is dropped and passes x through. (torch.lerp with weight exactly 0 or 1 returns one of its ends
-    exactly, and is the fastest blend.)"""
+class StraightThroughQuantize(torch.autograd.Function):
+    """Fake quantization of a per-tensor activation during reconstruction, with QDrop's random mix
+    folded in, as one autograd node. Straight-through rounding: d out/d x is 1 inside the grid and 0
+    where clamped. When the scale is learned (LSQ), d out/d scale is round(v) - v inside and
+    x_int - z where clamped (v = x / scale), times `gradient_scale`; a fixed scale costs no gradient
+    work. Where `keep` (a 0/1 tensor shaped like x, or None: keep all) is 0 the element is dropped
+    and passes x through. (torch.lerp with weight exactly 0 or 1 returns one of its ends exactly,
+    and is the fastest blend.)"""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, grid: Grid, gradient_scale: float, keep: torch.Tensor | None):
@@ -149,11 +150,14 @@ class LearnedStepQuantize(torch.autograd.Function):
         blocked = shifted.sub_(clamped).abs_().clamp_(max=1)  # integers: 1 where the grid clamps
         centred = clamped.sub_(zero_point)
         quantized = centred * scale
-        scale_slope = centred.sub_(scaled.addcmul_(scaled, blocked, value=-1))  # inside the grid: round(v) - v
+        scale_slope = None
+        if ctx.needs_input_grad[1]:
+            scale_slope = centred.sub_(scaled.addcmul_(scaled, blocked, value=-1))  # inside the grid: round(v) - v
         if keep is not None:
             quantized = torch.lerp(x, quantized, keep)
             blocked.mul_(keep)
-            scale_slope.mul_(keep)
+            if scale_slope is not None:
+                scale_slope.mul_(keep)
         ctx.save_for_backward(blocked, scale_slope)
         ctx.gradient_scale = gradient_scale
         return quantized
@@ -161,7 +165,9 @@ class LearnedStepQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         blocked, scale_slope = ctx.saved_tensors
-        grad_scale = grad.reshape(-1).dot(scale_slope.reshape(-1)) * ctx.gradient_scale  # one pass, no product tensor
+        grad_scale = None
+        if scale_slope is not None:
+            grad_scale = grad.reshape(-1).dot(scale_slope.reshape(-1)) * ctx.gradient_scale  # one pass, no product tensor
         # A unit's input quantizer reads cached data, which needs no gradient.
         grad_x = torch.addcmul(grad, grad, blocked, value=-1) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, None, None, None, None
@@ -171,9 +177,10 @@ class Quantizer(nn.Module):
     """Per-tensor (axis None) or per-channel fake quantizer.
 
     States used by reconstruction, all off after calibration:
-    - `learning`: straight-through rounding and an LSQ-scaled gradient for `scale`;
+    - `straight_through` (activations): rounding passes the gradient straight through to x, so that
+      the weights before the quantizer learn; `scale` gets LSQ's scaled gradient where it requires one;
     - `alpha` (weights): AdaRound's rounding variables; soft (`soft_rounding`) until `harden()`;
-    - `drop_prob` (with `learning`): QDrop, each element takes its float value with this probability;
+    - `drop_prob` (with `straight_through`): QDrop, each element takes its float value with this probability;
       `shared_keep`, when set, is the 0/1 mask to use instead of a fresh random one (see
       `reconstruct.input_drop_masks`);
     - `enabled` False: the identity (the float model).
@@ -187,7 +194,7 @@ class Quantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.alpha: nn.Parameter | None = None
         self.soft_rounding: SoftRounding | None = None
-        self.learning = False
+        self.straight_through = False
         self.drop_prob = 0.0
         self.shared_keep: torch.Tensor | None = None
         self.enabled = True
@@ -203,9 +210,9 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
-        if self.learning and self.alpha is None:
+        if self.straight_through and self.alpha is None:
             gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
-            return LearnedStepQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.kept_elements(x))
+            return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.kept_elements(x))
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
             return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale

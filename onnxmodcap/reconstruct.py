@@ -513,27 +513,31 @@ class UnitTraining:
         for quantizer in self.weights:
             quantizer.harden()
         for quantizer in self.activations:
-            quantizer.learning = False
+            quantizer.straight_through = False
             quantizer.drop_prob = 0.0
             quantizer.scale.requires_grad_(False)
 
 
 def start_training(unit: UnitMirror, settings: ReconstructionSettings) -> UnitTraining:
+    """Every activation quantizer of the unit rounds with a straight-through gradient and drops
+    (QDrop), whatever its width: a plain round has zero gradient and would freeze every weight
+    before it. Only step sizes below 8 bits are learned: 8-bit ones are small next to Adam's
+    absolute step (lr 4e-5), and learning them collapsed the input grid of the stem (measured on
+    the shipped MobileNetV2: stem loss 3.5e-4 -> 10.7)."""
     weights = [quantizer for _, quantizer in unit.quantized_weights()]
-    # 8-bit step sizes stay at their initialisation: they are small next to Adam's absolute step
-    # (lr 4e-5), and learning them collapsed the input grid of the stem (measured on the shipped
-    # MobileNetV2: stem loss 3.5e-4 -> 10.7).
-    activations = [q for q in unit.activation_quantizers.values() if q.grid.bits < 8]
+    activations = list(unit.activation_quantizers.values())
+    learned_scales = [q.scale for q in activations if q.grid.bits < 8]
     for weight, quantizer in unit.quantized_weights():
         quantizer.start_adaround(weight)
     for quantizer in activations:
-        quantizer.learning = True
-        quantizer.scale.requires_grad_(True)
+        quantizer.straight_through = True
         quantizer.drop_prob = drop_probability(settings, unit)
+    for scale in learned_scales:
+        scale.requires_grad_(True)
     optimizers = [torch.optim.Adam([q.alpha for q in weights], lr=settings.weight_lr, fused=True)] if weights else []
     schedulers = []
-    if activations:
-        act_optimizer = torch.optim.Adam([q.scale for q in activations], lr=settings.act_lr, fused=True)
+    if learned_scales:
+        act_optimizer = torch.optim.Adam(learned_scales, lr=settings.act_lr, fused=True)
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=settings.iters, eta_min=0.0))
     return UnitTraining(weights, activations, optimizers, schedulers)

@@ -20,7 +20,7 @@ def learning_activation_quantizer(grid: Grid, scale: float, zero_point: float, d
         quantizer.scale.fill_(scale)
         quantizer.zero_point.fill_(zero_point)
     quantizer.scale.requires_grad_(True)
-    quantizer.learning = True
+    quantizer.straight_through = True
     quantizer.drop_prob = drop_prob
     return quantizer
 
@@ -146,3 +146,23 @@ def test_keep_mask_is_zero_or_one_with_the_asked_probability(keep_prob):
     assert mask.shape == (400, 1000) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) == {0.0, 1.0}
     assert abs(mask.mean().item() - keep_prob) < 0.005
+
+
+def test_a_fixed_step_size_still_passes_a_straight_through_gradient():
+    """8-bit step sizes are not learned during reconstruction, but their rounding must pass the
+    gradient on to x (1 inside the grid, 0 where it clamps), or every weight before it is frozen."""
+    torch.manual_seed(0)
+    grid = Grid.asymmetric(8)
+    quantizer = learning_activation_quantizer(grid, 0.02, 100.0)
+    quantizer.scale.requires_grad_(False)
+    x = (torch.randn(4, 3, 5, 5) * 2).requires_grad_(True)  # about a fifth of the values clamp
+    upstream = torch.randn_like(x)
+
+    quantized = quantizer(x)
+    [grad_x] = gradients(quantized, upstream, x)
+
+    assert torch.equal(quantized, reference_lsq(x, quantizer))
+    inside = ((torch.round(x / 0.02) + 100 >= 0) & (torch.round(x / 0.02) + 100 <= 255)).float()
+    assert 0.7 < inside.mean() < 0.9
+    assert torch.equal(grad_x, upstream * inside)
+    assert quantizer.scale.grad is None

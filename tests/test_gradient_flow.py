@@ -1,0 +1,106 @@
+"""Reconstruction behind 8-bit activation quantizers: every rounding variable of every unit learns.
+
+An activation quantizer inside a unit must pass a straight-through gradient during reconstruction,
+whether or not its step size is learned (8-bit step sizes are not). A plain round there has zero
+gradient: it froze every weight before it, and residual units completely, at W4A8, W8A8 and in every
+TensorRT run (whose activations are always INT8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import onnxmodcap
+from onnxmodcap import pipeline
+from onnxmodcap.reconstruct import ReconstructionSettings, UnitTraining, start_training
+
+LEARNING_ITERS = 200
+SETTINGS = {"W4A8": {"wbits": 4, "abits": 8}, "W8A8": {"wbits": 8, "abits": 8},
+            "W4A8 tensorrt": {"wbits": 4, "abits": 8, "target": "tensorrt"}}
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((64, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+@pytest.fixture()
+def first_gradients(monkeypatch):
+    """The gradient of every AdaRound variable in the first optimizer step of each unit, in unit order."""
+    recorded: list[list[torch.Tensor]] = []
+    step = UnitTraining.step
+
+    def recording_step(training: UnitTraining, loss: torch.Tensor) -> None:
+        step(training, loss)
+        if not hasattr(training, "recorded"):
+            training.recorded = True
+            recorded.append([quantizer.alpha.grad.clone() for quantizer in training.weights])
+
+    monkeypatch.setattr(UnitTraining, "step", recording_step)
+    return recorded
+
+
+@pytest.mark.parametrize("model, setting", [
+    (model, setting) for model in ("resnet18", "mobilenetv2", "efficientnet", "segnet_head", "convnext")
+    for setting in ("W4A8", "W4A8 tensorrt")] + [("resnet18", "W8A8"), ("mobilenetv2", "W8A8")])
+def test_every_rounding_variable_gets_a_gradient_in_the_first_iteration(
+        exported_model, calib, tmp_path, first_gradients, model, setting):
+    """BRECQ (no drop, so every gradient path runs through the quantizers) for 5 iterations: the
+    first is warm-up, without rounding loss, so its gradient is the output error's alone."""
+    path, _ = exported_model(model, "legacy")
+    result = onnxmodcap.quantize(path, calib, **SETTINGS[setting], method="brecq", modcap="off", iters=5,
+                                 output=str(tmp_path / "q.onnx"))
+    units = [unit["name"] for unit in result.report["reconstruction"]]
+    assert len(first_gradients) == len(units)
+    frozen = [(unit, index) for unit, gradients in zip(units, first_gradients)
+              for index, gradient in enumerate(gradients) if not gradient.abs().sum() > 0]
+    assert sum(map(len, first_gradients)) >= len(units)
+    assert frozen == []
+
+
+@pytest.mark.parametrize("model, setting, method, exporter", [
+    ("resnet18", "W4A8", "qdrop", "legacy"),
+    ("mobilenetv2", "W4A8", "brecq", "legacy"),
+    ("resnet18", "W8A8", "qdrop", "legacy"),
+    ("resnet18", "W4A8 tensorrt", "brecq", "legacy"),
+    ("resnet18", "W4A8 tensorrt", "pdquant", "legacy_bn"),
+])
+def test_every_unit_loss_falls_behind_8_bit_activations(exported_model, calib, tmp_path, model, setting, method,
+                                                        exporter):
+    """PD-Quant runs without distribution correction here: the correction moves each unit's training
+    target away from the float output that the reported loss is measured against."""
+    path, _ = exported_model(model, exporter)
+    result = onnxmodcap.quantize(path, calib, **SETTINGS[setting], method=method, modcap="off", dc=False,
+                                 iters=LEARNING_ITERS, output=str(tmp_path / "q.onnx"))
+    units = result.report["reconstruction"]
+    not_lowered = [(u["name"], u["loss_before"], u["loss_after"]) for u in units if not u["loss_after"] < u["loss_before"]]
+    assert not_lowered == []
+    assert result.validation.parity_ok
+
+
+def test_training_puts_every_activation_quantizer_of_a_unit_in_straight_through_mode_and_restores_it(
+        exported_model, calib):
+    """Every activation quantizer of the unit rounds straight-through and drops (QDrop), whatever
+    its width; only step sizes below 8 bits are learned; `finish` returns all to plain quantization."""
+    path, _ = exported_model("resnet18", "legacy")
+    config = pipeline.QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=32)
+    sim = pipeline.simulate(Path(path), Path(calib), config, torch.device("cpu"))
+    settings = ReconstructionSettings(method="qdrop")
+    widths = set()
+    for unit in sim.mirror.units:
+        quantizers = list(unit.activation_quantizers.values())
+        training = start_training(unit, settings)
+        widths.update(q.grid.bits for q in quantizers)
+        assert [(q.straight_through, q.drop_prob) for q in quantizers] == [(True, 0.5)] * len(quantizers)
+        assert [q.scale.requires_grad for q in quantizers] == [q.grid.bits < 8 for q in quantizers]
+        learned = [p for optimizer in training.optimizers[1:] for group in optimizer.param_groups for p in group["params"]]
+        assert learned == [q.scale for q in quantizers if q.grid.bits < 8]
+        training.finish()
+        assert [(q.straight_through, q.drop_prob, q.scale.requires_grad) for q in quantizers] == \
+            [(False, 0.0, False)] * len(quantizers)
+    assert widths == {4, 8}  # the 8-bit input of the first layer (--keep-ends) and 4-bit activations
