@@ -6,6 +6,7 @@ oscillation of the per-unit losses, and wall times.
     python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out benchmarks_modcap.md
     python tools/bench_modcap.py oscillation --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
     python tools/bench_modcap.py grid --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
+    python tools/bench_modcap.py compare --before /tmp/mc/old.jsonl --after /tmp/mc/new.jsonl
 
 A run is MODEL:WBITS:ABITS:METHOD[:MODCAP] (MODEL: a stem in --models). Each (run, seed) quantizes
 in this process with `onnxmodcap.quantize(...)` (calibration folder, all images), then evaluates
@@ -17,7 +18,8 @@ into the table between the marker comments of --out, leaving the rest of that fi
 prints the oscillation figure over all units and over the ModCap run's group ends only (the outputs
 that both runs reconstruct), with the loss sum and total variation it is the ratio of. `grid`
 prints one table of top-1 and time per model, bit width and method, the latest record of each
-seed counting.
+seed counting. `compare` puts the same runs measured at two code states side by side (run each
+state from its own `git worktree`, with its own --results file).
 """
 
 from __future__ import annotations
@@ -194,6 +196,42 @@ def grid(args) -> None:
         print(f"| {model} | W{wbits}A{abits} | " + " | ".join(row) + " |")
 
 
+def compare(args) -> None:
+    """Top-1 of the same runs at two code states, side by side, with the RTN figure of each model and
+    bit width from the --after files (RTN does not reconstruct, so a fix to reconstruction leaves it as it is)."""
+    def cells(paths: list[Path]) -> dict[tuple, list[dict]]:
+        grouped: dict[tuple, list[dict]] = {}
+        for record in read_records(paths):
+            grouped.setdefault(key(record)[:7], []).append(record)
+        return grouped
+
+    def top1(runs: list[dict]) -> str:
+        if not runs:
+            return "–"
+        values = [100 * r["top1"] for r in runs]
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.fmean(values):.2f}{spread} [{len(values)}]"
+
+    before, after = cells(args.before), cells(args.after)
+    print("Each cell: top-1 % mean ± sd over seeds [seeds]; Δ = after - before (means); s: quantize wall s (mean).\n")
+    print("| model | W/A | method | RTN | before | after | Δ | s before / after |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for cell in sorted(set(before) | set(after), key=lambda k: (k[0], -k[1], -k[2], METHOD_ORDER.index(k[3]))):
+        if cell[3] == "rtn":
+            continue
+        rtn = next((runs for k, runs in after.items() if k[:3] == cell[:3] and k[3] == "rtn"), [])
+        old, new = before.get(cell, []), after.get(cell, [])
+        delta = (f"{statistics.fmean(100 * r['top1'] for r in new) - statistics.fmean(100 * r['top1'] for r in old):+.2f}"
+                 if old and new else "–")
+        seconds = " / ".join(f"{statistics.fmean(r['quantize_seconds'] for r in runs):.0f}" if runs else "–"
+                             for runs in (old, new))
+        print(f"| {cell[0]} | W{cell[1]}A{cell[2]} | {cell[3]}{'' if cell[4] == 'off' else ' + ' + cell[4]} | "
+              f"{top1(rtn)} | {top1(old)} | {top1(new)} | {delta} | {seconds} |")
+
+
+METHOD_ORDER = ["rtn", "brecq", "qdrop", "pdquant"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,8 +254,11 @@ def main() -> None:
     comparer.add_argument("--models", type=Path, default=Path("models"))
     gridder = commands.add_parser("grid")
     gridder.add_argument("--results", type=Path, nargs="+", required=True)
+    compared = commands.add_parser("compare")
+    compared.add_argument("--before", type=Path, nargs="+", required=True)
+    compared.add_argument("--after", type=Path, nargs="+", required=True)
     args = parser.parse_args()
-    {"run": run, "render": render, "oscillation": compare_oscillation, "grid": grid}[args.command](args)
+    {"run": run, "render": render, "oscillation": compare_oscillation, "grid": grid, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
