@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,11 @@ def exported_model(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """A .npy file of 160 seeded random 3x32x32 tensors: calibration data for the zoo models."""
+    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((160, 3, 32, 32)).astype(np.float32))
+    return path

@@ -23,15 +23,20 @@ SETTINGS = {"W4A8": {"wbits": 4, "abits": 8}, "W8A8": {"wbits": 8, "abits": 8},
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
-    np.save(path, np.random.default_rng(1).standard_normal((64, 3, 32, 32)).astype(np.float32))
+def pixels(tmp_path_factory):
+    """64 random 3x32x32 images whose values lie on a grid of 256 levels, like normalised 8-bit
+    pixels: the 8-bit input grid of the first layer then matches them, as it does on real images,
+    and the first unit's loss is its weights' alone (on Gaussian noise it is mostly input rounding,
+    which no weight rounding can lower)."""
+    path = tmp_path_factory.mktemp("pixels") / "pixels.npy"
+    levels = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32))
+    np.save(path, ((levels - 128) / 64).astype(np.float32))
     return path
 
 
 @pytest.fixture()
 def first_gradients(monkeypatch):
-    """The gradient of every AdaRound variable in the first optimizer step of each unit, in unit order."""
+    """Per unit, in unit order: the gradient of every AdaRound variable in the unit's first optimizer step."""
     recorded: list[list[torch.Tensor]] = []
     step = UnitTraining.step
 
@@ -54,28 +59,28 @@ def test_every_rounding_variable_gets_a_gradient_in_the_first_iteration(
     first is warm-up, without rounding loss, so its gradient is the output error's alone."""
     path, _ = exported_model(model, "legacy")
     result = onnxmodcap.quantize(path, calib, **SETTINGS[setting], method="brecq", modcap="off", iters=5,
-                                 output=str(tmp_path / "q.onnx"))
+                                 num_calib=64, output=str(tmp_path / "q.onnx"))
     units = [unit["name"] for unit in result.report["reconstruction"]]
     assert len(first_gradients) == len(units)
     frozen = [(unit, index) for unit, gradients in zip(units, first_gradients)
               for index, gradient in enumerate(gradients) if not gradient.abs().sum() > 0]
-    assert sum(map(len, first_gradients)) >= len(units)
+    assert all(first_gradients)  # every unit has AdaRound variables
     assert frozen == []
 
 
 @pytest.mark.parametrize("model, setting, method, exporter", [
-    ("resnet18", "W4A8", "qdrop", "legacy"),
-    ("mobilenetv2", "W4A8", "brecq", "legacy"),
-    ("resnet18", "W8A8", "qdrop", "legacy"),
-    ("resnet18", "W4A8 tensorrt", "brecq", "legacy"),
+    ("resnet18", "W4A8", "brecq", "legacy"),
+    ("mobilenetv2", "W4A8", "qdrop", "legacy"),
+    ("resnet18", "W8A8", "brecq", "legacy"),
+    ("resnet18", "W4A8 tensorrt", "qdrop", "legacy"),
     ("resnet18", "W4A8 tensorrt", "pdquant", "legacy_bn"),
 ])
-def test_every_unit_loss_falls_behind_8_bit_activations(exported_model, calib, tmp_path, model, setting, method,
+def test_every_unit_loss_falls_behind_8_bit_activations(exported_model, pixels, tmp_path, model, setting, method,
                                                         exporter):
     """PD-Quant runs without distribution correction here: the correction moves each unit's training
     target away from the float output that the reported loss is measured against."""
     path, _ = exported_model(model, exporter)
-    result = onnxmodcap.quantize(path, calib, **SETTINGS[setting], method=method, modcap="off", dc=False,
+    result = onnxmodcap.quantize(path, pixels, **SETTINGS[setting], method=method, modcap="off", dc=False,
                                  iters=LEARNING_ITERS, output=str(tmp_path / "q.onnx"))
     units = result.report["reconstruction"]
     not_lowered = [(u["name"], u["loss_before"], u["loss_after"]) for u in units if not u["loss_after"] < u["loss_before"]]

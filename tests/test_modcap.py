@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,13 +25,6 @@ from onnxmodcap.reconstruct import (
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 ITERS = 30
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
-    np.save(path, np.random.default_rng(0).standard_normal((96 + 64, 3, 32, 32)).astype(np.float32))
-    return path
 
 
 def run_cli(*args):

@@ -14,7 +14,6 @@ import time
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -26,13 +25,6 @@ from onnxmodcap.reconstruct import (CachedTensor, ReconstructionSettings, UnitDa
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "inputs.npy"
-    np.save(path, np.random.default_rng(0).standard_normal((160, 3, 32, 32)).astype(np.float32))
-    return path
 
 
 @pytest.fixture()
