@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import onnxmodcap
+from onnxmodcap.errors import UserError
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
@@ -55,12 +56,13 @@ def key(record: dict) -> tuple:
             record["iters"], record.get("round_lr"), record["seed"])
 
 
-def read_records(paths: list[Path]) -> list[dict]:
+def read_records(paths: list[Path], failed: bool = False) -> list[dict]:
+    """The measured runs in `paths`; with `failed`, also the runs that quantize refused (no top-1)."""
     records = []
     for path in paths:
         if path.exists():
             records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return records
+    return [r for r in records if failed or "error" not in r]
 
 
 def code_state() -> str:
@@ -96,17 +98,23 @@ def measure(spec: dict, seed: int, args) -> dict:
 
 
 def run(args) -> None:
-    done = {key(r) for r in read_records([args.results])}
+    done = {key(r) for r in read_records([args.results], failed=True)}
     for text in args.run:
         for seed in args.seeds:
             spec = parse_run(text)
             if key({**spec, "iters": args.iters, "round_lr": args.round_lr, "seed": seed}) in done:
                 continue
             print(f"{text} seed {seed}", flush=True)
-            record = measure(spec, seed, args)
+            try:
+                record = measure(spec, seed, args)
+                print(f"  top-1 {100 * record['top1']:.2f} %, {record['quantize_seconds']} s", flush=True)
+            except UserError as err:  # a refused run (a parity failure, say) is a result too
+                record = {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
+                          "error": str(err), "code": code_state(),
+                          "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                print(f"  failed: {err}", flush=True)
             with args.results.open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
-            print(f"  top-1 {100 * record['top1']:.2f} %, {record['quantize_seconds']} s", flush=True)
 
 
 def render(args) -> None:
@@ -201,19 +209,25 @@ def compare(args) -> None:
     bit width from the --after files (RTN does not reconstruct, so a fix to reconstruction leaves it as it is)."""
     def cells(paths: list[Path]) -> dict[tuple, list[dict]]:
         grouped: dict[tuple, list[dict]] = {}
-        for record in read_records(paths):
+        for record in read_records(paths, failed=True):
             grouped.setdefault(key(record)[:7], []).append(record)
         return grouped
 
     def top1(runs: list[dict]) -> str:
-        if not runs:
-            return "–"
-        values = [100 * r["top1"] for r in runs]
+        values = [100 * r["top1"] for r in runs if "error" not in r]
+        failures = len(runs) - len(values)
+        refused = f", {failures} refused" if failures else ""
+        if not values:
+            return f"– [0{refused}]" if runs else "–"
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):.2f}{spread} [{len(values)}]"
+        return f"{statistics.fmean(values):.2f}{spread} [{len(values)}{refused}]"
+
+    def mean(runs: list[dict], field: str) -> float:
+        return statistics.fmean(r[field] for r in runs if "error" not in r)
 
     before, after = cells(args.before), cells(args.after)
-    print("Each cell: top-1 % mean ± sd over seeds [seeds]; Δ = after - before (means); s: quantize wall s (mean).\n")
+    print("Each cell: top-1 % mean ± sd over seeds [seeds measured, runs refused]; Δ = after - before (means); "
+          "s: quantize wall s (mean).\n")
     print("| model | W/A | method | RTN | before | after | Δ | s before / after |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for cell in sorted(set(before) | set(after), key=lambda k: (k[0], -k[1], -k[2], METHOD_ORDER.index(k[3]))):
@@ -221,9 +235,9 @@ def compare(args) -> None:
             continue
         rtn = next((runs for k, runs in after.items() if k[:3] == cell[:3] and k[3] == "rtn"), [])
         old, new = before.get(cell, []), after.get(cell, [])
-        delta = (f"{statistics.fmean(100 * r['top1'] for r in new) - statistics.fmean(100 * r['top1'] for r in old):+.2f}"
-                 if old and new else "–")
-        seconds = " / ".join(f"{statistics.fmean(r['quantize_seconds'] for r in runs):.0f}" if runs else "–"
+        measured = all(any("error" not in r for r in runs) for runs in (old, new))
+        delta = f"{100 * (mean(new, 'top1') - mean(old, 'top1')):+.2f}" if measured else "–"
+        seconds = " / ".join(f"{mean(runs, 'quantize_seconds'):.0f}" if any("error" not in r for r in runs) else "–"
                              for runs in (old, new))
         print(f"| {cell[0]} | W{cell[1]}A{cell[2]} | {cell[3]}{'' if cell[4] == 'off' else ' + ' + cell[4]} | "
               f"{top1(rtn)} | {top1(old)} | {top1(new)} | {delta} | {seconds} |")
