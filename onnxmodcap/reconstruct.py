@@ -11,7 +11,8 @@ quantized value of the quantized model's input or the float model's input (the q
 input drops exactly the elements the mix took from the float input; see `input_drop_masks`).
 
 PD-Quant adds, on top of QDrop, the prediction difference: the unit's output on the quantized input
-(no drop) is carried through the rest of the network in float to the logits, and
+(no drop at the unit's input; the quantizers inside the unit drop as in the rest of the batch) is
+carried through the rest of the network in float to the logits, and
 KL(softmax(z_float / T) || softmax(z / T)) / lambda_r joins the objective. Before a unit is trained,
 its float input is corrected (distribution correction): Adam moves it so that, image by image, the
 per-channel mean and std of every BatchNormalization inside the unit match that BN's running
@@ -490,7 +491,8 @@ def measure_loss(unit: UnitMirror, inputs, targets, device, batch_size: int = 32
 
 @dataclass
 class UnitTraining:
-    """What one unit's reconstruction optimises: AdaRound variables and LSQ step sizes."""
+    """One unit's reconstruction: its weight quantizers (AdaRound variables), its activation
+    quantizers (straight-through; the step sizes below 8 bits learned), and their optimizers."""
 
     weights: list
     activations: list

@@ -148,21 +148,26 @@ def test_keep_mask_is_zero_or_one_with_the_asked_probability(keep_prob):
     assert abs(mask.mean().item() - keep_prob) < 0.005
 
 
-def test_a_fixed_step_size_still_passes_a_straight_through_gradient():
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_a_fixed_step_size_still_passes_a_straight_through_gradient(drop_prob):
     """8-bit step sizes are not learned during reconstruction, but their rounding must pass the
-    gradient on to x (1 inside the grid, 0 where it clamps), or every weight before it is frozen."""
+    gradient on to x (1 inside the grid, 0 where it clamps, 1 where QDrop dropped the element), or
+    every weight before it is frozen."""
     torch.manual_seed(0)
     grid = Grid.asymmetric(8)
-    quantizer = learning_activation_quantizer(grid, 0.02, 100.0)
+    quantizer = learning_activation_quantizer(grid, 0.02, 100.0, drop_prob=drop_prob)
     quantizer.scale.requires_grad_(False)
     x = (torch.randn(4, 3, 5, 5) * 2).requires_grad_(True)  # about a fifth of the values clamp
     upstream = torch.randn_like(x)
 
     quantized = quantizer(x)
-    [grad_x] = gradients(quantized, upstream, x)
+    (quantized * upstream).sum().backward()
 
-    assert torch.equal(quantized, reference_lsq(x, quantizer))
+    fixed = quantized.detach() == reference_lsq(x, quantizer).detach()
+    dropped = ~fixed & (quantized.detach() == x.detach())
+    assert torch.all(fixed | dropped)
+    assert dropped.float().mean() == pytest.approx(drop_prob, abs=0.1)
     inside = ((torch.round(x / 0.02) + 100 >= 0) & (torch.round(x / 0.02) + 100 <= 255)).float()
     assert 0.7 < inside.mean() < 0.9
-    assert torch.equal(grad_x, upstream * inside)
+    assert torch.equal(x.grad, upstream * torch.where(dropped, 1.0, inside))
     assert quantizer.scale.grad is None

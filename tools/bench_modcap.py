@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import onnxmodcap
-from onnxmodcap.errors import UserError
+from onnxmodcap.errors import Interrupted, RunFailed, UserError
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
@@ -108,6 +108,8 @@ def run(args) -> None:
             try:
                 record = measure(spec, seed, args)
                 print(f"  top-1 {100 * record['top1']:.2f} %, {record['quantize_seconds']} s", flush=True)
+            except (Interrupted, RunFailed):
+                raise
             except UserError as err:  # a refused run (a parity failure, say) is a result too
                 record = {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
                           "error": str(err), "code": code_state(),
@@ -208,9 +210,11 @@ def compare(args) -> None:
     """Top-1 of the same runs at two code states, side by side, with the RTN figure of each model and
     bit width from the --after files (RTN does not reconstruct, so a fix to reconstruction leaves it as it is)."""
     def cells(paths: list[Path]) -> dict[tuple, list[dict]]:
+        """The latest record of each seed, grouped by everything else in its key."""
+        latest = {key(record): record for record in read_records(paths, failed=True)}
         grouped: dict[tuple, list[dict]] = {}
-        for record in read_records(paths, failed=True):
-            grouped.setdefault(key(record)[:7], []).append(record)
+        for seeded, record in latest.items():
+            grouped.setdefault(seeded[:7], []).append(record)
         return grouped
 
     def top1(runs: list[dict]) -> str:
