@@ -35,8 +35,8 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_IMAGES, PRESETS, Prediction, ReconstructionSettings, batchnorm_targets, method_defaults, network_defaults,
-    reconstruct, results_to_dicts, unit_errors,
+    LOSS_IMAGES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings, batchnorm_targets,
+    method_defaults, network_defaults, reconstruct, results_to_dicts, unit_errors,
 )
 from .validate import Validation, require_parity, validate
 
@@ -162,7 +162,8 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
     checkpointer = None
     if config.method != "rtn":
         checkpointer = Checkpointer(work_folder(output, config), run_fingerprint(
-            prepared.source_digest.encode(), data.inputs.tobytes(), json.dumps(result_affecting(config)).encode()),
+            RECONSTRUCTION_VERSION.encode(), prepared.source_digest.encode(), data.inputs.tobytes(),
+            json.dumps(result_affecting(config)).encode()),
             note=lambda message: tqdm.write(message, file=sys.stderr))
         try:
             checkpointer.folder.mkdir(mode=0o700, parents=True, exist_ok=True)

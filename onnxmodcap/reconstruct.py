@@ -46,6 +46,9 @@ DEFAULT_CACHE_BYTES = 4 << 30
 CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
 PAPER_ITERS, PAPER_WEIGHT_LR, PAPER_CORRECTION_STEPS, PAPER_CORRECTION_LR = 20000, 1e-3, 500, 1e-3
 FAST_ITERS = 1000
+# Part of every checkpoint's fingerprint: a checkpoint written by reconstruction code that trains
+# differently (another version) is discarded instead of resumed. Raise it with such a change.
+RECONSTRUCTION_VERSION = "2"
 
 
 @dataclass(frozen=True)
