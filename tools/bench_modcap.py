@@ -39,6 +39,7 @@ from onnxmodcap.errors import Interrupted, RunFailed, UserError
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
+from onnxmodcap.pipeline import METHODS
 from onnxmodcap.prepare import prepare
 
 
@@ -234,7 +235,7 @@ def compare(args) -> None:
           "s: quantize wall s (mean).\n")
     print("| model | W/A | method | RTN | before | after | Δ | s before / after |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for cell in sorted(set(before) | set(after), key=lambda k: (k[0], -k[1], -k[2], METHOD_ORDER.index(k[3]))):
+    for cell in sorted(set(before) | set(after), key=lambda k: (k[0], -k[1], -k[2], METHODS.index(k[3]))):
         if cell[3] == "rtn":
             continue
         rtn = next((runs for k, runs in after.items() if k[:3] == cell[:3] and k[3] == "rtn"), [])
@@ -246,8 +247,6 @@ def compare(args) -> None:
         print(f"| {cell[0]} | W{cell[1]}A{cell[2]} | {cell[3]}{'' if cell[4] == 'off' else ' + ' + cell[4]} | "
               f"{top1(rtn)} | {top1(old)} | {top1(new)} | {delta} | {seconds} |")
 
-
-METHOD_ORDER = ["rtn", "brecq", "qdrop", "pdquant"]
 
 
 def main() -> None:
