@@ -59,13 +59,15 @@ def main():
               help="free: also print the data-free ModCap schedule (capacities, differentials, merged units).")
 @click.option("--modcap-k", type=int, help="Adjacent pairs to merge (default: about one per four blocks).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits the data-free capacities assume.")
+@click.option("--input-size", help="Model input size N or HxW, for a model whose image size is dynamic.")
 @user_errors
-def inspect(model, as_json, verify, seed, modcap, modcap_k, bits):
+def inspect(model, as_json, verify, seed, modcap, modcap_k, bits, input_size):
     """Show the reconstruction units of MODEL (an ONNX file)."""
     from .inspect_model import format_table, inspect_model
     from .mirror import unsupported_message
 
-    inspection = inspect_model(model, verify=verify, seed=seed, modcap=modcap, modcap_k=modcap_k, bits=bits)
+    inspection = inspect_model(model, verify=verify, seed=seed, modcap=modcap, modcap_k=modcap_k, bits=bits,
+                               input_size=input_size)
     report = inspection.to_dict()
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if inspection.unsupported:
@@ -133,6 +135,8 @@ def format_evaluation(result) -> str:
         lines += [f"top-1 agreement with reference: {percent(result.agreement)}",
                   f"mean KL(reference || model): {result.kl:.6f}",
                   f"mean cosine similarity of logits: {result.cosine:.6f}"]
+    if result.outputs:
+        lines += ["fidelity to the reference, per output:"] + [f"  {output.text()}" for output in result.outputs]
     return "\n".join(lines)
 
 
@@ -200,6 +204,8 @@ def format_evaluation(result) -> str:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dynamic-batch", is_flag=True,
+              help="Write a model whose source fixes its batch size with a dynamic batch dimension instead.")
 @preprocessing_options
 @user_errors
 def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize, mean, std, scale, color, layout,

@@ -1,4 +1,4 @@
-"""Accuracy of a classifier on an image set, and its fidelity to a reference (float) model."""
+"""Accuracy of a classifier on an image set, and its fidelity to a reference (float) model, per output."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from .datasets import ImageSet, Skipped, open_images, prepared_batches
 from .errors import UserError, first_line
+from .metrics import FidelityTotals, OutputFidelity, output_kind
 from .preprocess import Preprocessing, resolve_preprocessing
-from .runtime import PROVIDERS, create_session, session_provider
+from .runtime import PROVIDERS, create_session, run_batched, session_provider
 
 INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -25,10 +26,8 @@ class Classifier:
 
     path: str
     session: ort.InferenceSession
-    input_name: str
     input_shape: list[Any]
     input_type: type
-    fixed_batch: int | None
 
     @property
     def provider(self) -> str:
@@ -38,21 +37,17 @@ class Classifier:
         metadata = self.session.get_modelmeta().custom_metadata_map
         return resolve_preprocessing(self.input_shape, metadata, flags)
 
-    def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """(B, classes) float64 logits; a model with a fixed batch size gets zero-padded chunks."""
-        step = self.fixed_batch or len(inputs)
-        outputs = [self.run(inputs[start:start + step], step) for start in range(0, len(inputs), step)]
-        return np.concatenate(outputs).astype(np.float64)
+    @property
+    def output_names(self) -> list[str]:
+        return [output.name for output in self.session.get_outputs()]
 
-    def run(self, chunk: np.ndarray, step: int) -> np.ndarray:
-        count = len(chunk)
-        if count < step:
-            chunk = np.concatenate([chunk, np.zeros((step - count, *chunk.shape[1:]), chunk.dtype)])
+    def outputs(self, inputs: np.ndarray) -> list[np.ndarray]:
+        """Every output, float64, fed at the batch size the model accepts."""
         try:
-            output = self.session.run(None, {self.input_name: chunk.astype(self.input_type)})[0]
+            outputs = run_batched(self.session, inputs.astype(self.input_type), len(inputs))
         except Exception as err:  # onnxruntime raises its own exception types per failure kind
-            raise UserError(f"{self.path}: ONNX Runtime failed on input {list(chunk.shape)}: {first_line(err)}") from None
-        return output.reshape(len(chunk), -1)[:count]
+            raise UserError(f"{self.path}: ONNX Runtime failed on input {list(inputs.shape)}: {first_line(err)}") from None
+        return [output.astype(np.float64) for output in outputs]
 
 
 def load_classifier(path: str, provider: str) -> Classifier:
@@ -65,9 +60,7 @@ def load_classifier(path: str, provider: str) -> Classifier:
     model_input = session.get_inputs()[0]
     if model_input.type not in INPUT_TYPES:
         raise UserError(f"{path}: the model input is {model_input.type}; evaluate feeds float images")
-    batch = model_input.shape[0]
-    return Classifier(str(path), session, model_input.name, list(model_input.shape), INPUT_TYPES[model_input.type],
-                      batch if isinstance(batch, int) and batch > 0 else None)
+    return Classifier(str(path), session, list(model_input.shape), INPUT_TYPES[model_input.type])
 
 
 @dataclass(frozen=True)
@@ -76,68 +69,67 @@ class Evaluation:
     provider: str
     top1: float | None  # fractions in [0, 1]; None where not applicable
     top5: float | None
-    agreement: float | None  # top-1 agreement with the reference
-    kl: float | None  # mean KL(softmax(reference) || softmax(model)), nats
-    cosine: float | None  # mean cosine similarity of the logit vectors
+    agreement: float | None  # top-1 agreement of the first output with the reference's
+    kl: float | None  # mean KL(softmax(reference) || softmax(model)) of the first output, nats
+    cosine: float | None  # mean cosine similarity of the first output
     skipped: tuple[tuple[str, str], ...]  # (image, reason)
+    outputs: tuple[OutputFidelity, ...] = ()  # with a reference: every output's fidelity
 
     def as_json(self) -> dict[str, Any]:
         keys = ("top1", "top5", "agreement", "kl", "cosine", "images", "provider")
-        return {key: getattr(self, key) for key in keys}
+        return {**{key: getattr(self, key) for key in keys}, "outputs": [o.to_dict() for o in self.outputs]}
 
 
 class Totals:
     """Running sums over batches; fractions and means at the end."""
 
-    def __init__(self, classes: int | None, has_reference: bool):
-        self.classes, self.has_reference = classes, has_reference
-        self.images = self.top1 = self.top5 = self.agreement = 0
-        self.kl = self.cosine = 0.0
+    def __init__(self, classes: int | None, names: list[str]):
+        self.classes, self.names = classes, names
+        self.images = self.top1 = self.top5 = 0
+        self.fidelity: list[FidelityTotals] = []
 
-    def add(self, logits: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None) -> None:
-        self.images += len(logits)
+    def add(self, outputs: list[np.ndarray], labels: np.ndarray | None,
+            reference: list[np.ndarray] | None) -> None:
+        self.images += len(outputs[0])
         if labels is not None:
-            if self.classes > logits.shape[1]:
-                raise UserError(f"the data has {self.classes} classes but the model outputs "
-                                f"{logits.shape[1]} logits")
-            ranked = np.argsort(-logits, axis=1, kind="stable")
-            self.top1 += int((ranked[:, 0] == labels).sum())
-            self.top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
+            self.add_labels(outputs[0], labels)
         if reference is not None:
-            if reference.shape != logits.shape:
-                raise UserError(f"the reference model outputs {reference.shape[1]} values per image "
-                                f"but the model outputs {logits.shape[1]}")
-            self.agreement += int((reference.argmax(1) == logits.argmax(1)).sum())
-            self.kl += float(kl_divergence(reference, logits).sum())
-            self.cosine += float(cosine_similarity(reference, logits).sum())
+            if not self.fidelity:  # what each output holds, read from the reference's first batch
+                self.fidelity = [FidelityTotals(name, output_kind(values)) for name, values in zip(self.names, reference)]
+            if [r.shape for r in reference] != [o.shape for o in outputs]:
+                raise UserError(f"the reference model's outputs per image are {shapes_text(reference)} but the "
+                                f"model's are {shapes_text(outputs)}")
+            for totals, want, got in zip(self.fidelity, reference, outputs):
+                totals.add(want, got)
+
+    def add_labels(self, output: np.ndarray, labels: np.ndarray) -> None:
+        if output_kind(output) != "classes":
+            raise UserError(f"the model's first output has shape {list(output.shape[1:])} per image, not class "
+                            "scores: labelled data cannot be scored; compare with a float model (--reference)")
+        logits = output.reshape(len(output), -1)
+        if self.classes > logits.shape[1]:
+            raise UserError(f"the data has {self.classes} classes but the model outputs {logits.shape[1]} logits")
+        ranked = np.argsort(-logits, axis=1, kind="stable")
+        self.top1 += int((ranked[:, 0] == labels).sum())
+        self.top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
 
     def evaluation(self, provider: str, logit_count: int, skipped: Skipped) -> Evaluation:
         labelled = self.classes is not None
-        per_image = lambda total: total / self.images  # noqa: E731
+        outputs = tuple(totals.result() for totals in self.fidelity)
+        first = outputs[0] if outputs else None
         return Evaluation(
             images=self.images, provider=provider,
-            top1=per_image(self.top1) if labelled else None,
-            top5=per_image(self.top5) if labelled and logit_count >= 5 else None,
-            agreement=per_image(self.agreement) if self.has_reference else None,
-            kl=per_image(self.kl) if self.has_reference else None,
-            cosine=per_image(self.cosine) if self.has_reference else None,
-            skipped=tuple(skipped.entries))
+            top1=self.top1 / self.images if labelled else None,
+            top5=self.top5 / self.images if labelled and logit_count >= 5 else None,
+            agreement=first.top1_agreement if first else None,
+            kl=first.kl if first else None,
+            cosine=first.cosine if first else None,
+            skipped=tuple(skipped.entries), outputs=outputs)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per image KL(softmax(reference) || softmax(logits))."""
-    log_p, log_q = log_softmax(reference), log_softmax(logits)
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
-
-
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(norms, np.finfo(np.float64).tiny)
+def shapes_text(outputs: list[np.ndarray]) -> str:
+    """`5` or `1x32x32, 10`: the shape of one image's share of each output."""
+    return ", ".join("x".join(str(d) for d in output.shape[1:]) or "scalar" for output in outputs)
 
 
 def evaluate(model_path: str, data_path: str, *, reference_path: str | None = None,
@@ -170,17 +162,17 @@ def provider_note(used: str, requested: str) -> str:
 
 def run(model: Classifier, reference: Classifier | None, images: ImageSet, preprocessing: Preprocessing,
         batch_size: int, progress: bool, started: Callable[[], Any]) -> Evaluation:
-    totals = Totals(len(images.classes) if images.labelled else None, reference is not None)
+    totals = Totals(len(images.classes) if images.labelled else None, model.output_names)
     skipped = Skipped()
     logit_count = 0
     # disable=None: the bar shows only on a terminal, and only for runs longer than two seconds
     with tqdm(total=len(images.samples), unit="img", disable=None if progress else True, delay=2,
               leave=False, file=sys.stderr) as bar:
         for batch in prepared_batches(images, preprocessing, batch_size, skipped):
-            logits = model.logits(batch.inputs)
-            logit_count = logits.shape[1]
+            outputs = model.outputs(batch.inputs)
+            logit_count = outputs[0][0].size
             first_batch = totals.images == 0
-            totals.add(logits, batch.labels, reference.logits(batch.inputs) if reference else None)
+            totals.add(outputs, batch.labels, reference.outputs(batch.inputs) if reference else None)
             if first_batch:
                 started()
             bar.update(totals.images + len(skipped) - bar.n)

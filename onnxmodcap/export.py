@@ -35,6 +35,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from . import __version__
+from .batch import set_batch_dim
 from .errors import UserError
 from .mirror import NetworkMirror
 from .partition import float_layers
@@ -111,8 +112,9 @@ def activation_encoding(fmt: str, target: str, opset: int, quantizer: Quantizer)
 
 
 def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
-               target: str, metadata: dict) -> tuple[onnx.ModelProto, Weights]:
-    """The quantized model, its large initializers as stubs with their values in the Weights.
+               target: str, metadata: dict, dynamic_batch: bool = False) -> tuple[onnx.ModelProto, Weights]:
+    """The quantized model, its large initializers as stubs with their values in the Weights. It
+    keeps the batch size the source model fixes, unless `dynamic_batch`.
 
     Biases hold values on the int32 grid of input scale x weight scale. They stay float (TensorRT
     takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into an int8 kernel and
@@ -138,6 +140,8 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
             writer.quantized_activation(tensor, quantizer, activation_encoding(fmt, target, opset, quantizer))
     writer.read_float_inputs(float_layers(model, quantizers.weights))
     writer.finish()
+    if prepared.batch and not dynamic_batch:
+        set_batch_dim(model, prepared.batch, prepared.batch.size)
     weights = dict(prepared.weights)
     detach_large(model, weights)
     model = with_opset(model, opset)

@@ -9,13 +9,15 @@ import numpy as np
 import onnx
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .mirror import NetworkMirror, unsupported_ops
 from .modcap import Schedule, choose_groups, data_free_capacities, default_pairs
 from .partition import Unit, partition
 from .plan import PlanOptions, check_bits, make_plan
 from .prepare import PreparedModel, prepare
+from .preprocess import given_input_size
 from .runtime import create_session, session_provider
+from .shapes import dims, dynamic_image_axes, image_inputs, tensor_shapes
 
 VERIFY_BATCH = 2
 
@@ -54,12 +56,17 @@ class Inspection:
 
 
 def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0, modcap: str = "off",
-                  modcap_k: int | None = None, bits: int = 4) -> Inspection:
-    prepared = prepare(path)
+                  modcap_k: int | None = None, bits: int = 4, input_size: str | None = None) -> Inspection:
+    """`input_size` (N or HxW, as --input-size) is needed where the model's image size is dynamic."""
+    prepared = prepare(path, flags={"input_size": input_size})
+    size = given_input_size(prepared.model, {"input_size": input_size})
+    input_dims = dims(image_inputs(prepared.model)[0])
+    if size is None and dynamic_image_axes(input_dims):
+        raise UserError(f"the model input {input_dims} has a dynamic image size: pass --input-size")
     units = partition(prepared.model)
     inspection = Inspection(prepared, units, unsupported_ops(prepared.model))
     if verify and not inspection.unsupported:
-        inspection.mirror_max_rel_err, inspection.provider = verify_mirror(prepared, units, seed)
+        inspection.mirror_max_rel_err, inspection.provider = verify_mirror(prepared, units, seed, size)
     if modcap == "free":
         inspection.schedule = data_free_schedule(prepared, units, modcap_k, bits)
     return inspection
@@ -75,19 +82,29 @@ def data_free_schedule(prepared: PreparedModel, units: list[Unit], pairs: int | 
     return choose_groups("free", units, capacities, pairs or default_pairs(units))
 
 
-def verify_mirror(prepared: PreparedModel, units: list[Unit], seed: int) -> tuple[float, str]:
+def verify_mirror(prepared: PreparedModel, units: list[Unit], seed: int,
+                  input_size: tuple[int, int] | None) -> tuple[float, str]:
     """Run ORT on the original file and the mirror on the prepared graph with the same inputs."""
     mirror = NetworkMirror(prepared, units).eval()
     session = create_session(str(prepared.source))
     rng = np.random.default_rng(seed)
-    feeds = {i.name: random_input(i, rng) for i in session.get_inputs()}
-    expected = session.run(None, feeds)
+    feeds = {i.name: random_input(i, rng, input_size) for i in session.get_inputs()}
+    try:
+        expected = session.run(None, feeds)
+    except Exception as err:  # onnxruntime raises its own exception types per failure kind
+        shapes = ", ".join(str(list(feed.shape)) for feed in feeds.values())
+        raise UserError(f"the model does not run on input {shapes}: {first_line(err)}") from None
     with torch.no_grad():
         actual = mirror(*(torch.from_numpy(feeds[name]) for name in mirror.input_names))
     return max_relative_error(actual, expected), session_provider(session)
 
 
-def random_input(arg, rng: np.random.Generator) -> np.ndarray:
+def random_input(arg, rng: np.random.Generator, input_size: tuple[int, int] | None) -> np.ndarray:
+    """A random input for `arg`: VERIFY_BATCH images where the batch is dynamic, the image size
+    `input_size` where it is."""
+    if arg.type != "tensor(float)":
+        raise UserError(f"graph input {arg.name!r} has type {arg.type}; only float inputs are supported")
+    sizes = iter(input_size or ())
     dims = []
     for axis, dim in enumerate(arg.shape):
         if isinstance(dim, int) and dim > 0:
@@ -95,10 +112,7 @@ def random_input(arg, rng: np.random.Generator) -> np.ndarray:
         elif axis == 0:
             dims.append(VERIFY_BATCH)
         else:
-            raise UserError(f"graph input {arg.name!r} has a dynamic dimension {axis} ({dim}); "
-                            "export the model with fixed spatial size")
-    if arg.type != "tensor(float)":
-        raise UserError(f"graph input {arg.name!r} has type {arg.type}; only float inputs are supported")
+            dims.append(next(sizes))
     return rng.standard_normal(dims).astype(np.float32)
 
 
@@ -108,15 +122,6 @@ def max_relative_error(actual, expected) -> float:
         scale = float(np.abs(ort_out).max()) or 1.0
         worst = max(worst, float(np.abs(torch_out.numpy() - ort_out).max()) / scale)
     return worst
-
-
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    shapes = {}
-    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                                 for d in info.type.tensor_type.shape.dim]
-    return shapes
 
 
 def unit_parameter_count(unit: Unit, model: onnx.ModelProto, sizes: dict[str, int]) -> int:

@@ -38,6 +38,8 @@ from .reconstruct import (
     LOSS_IMAGES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings, batchnorm_targets,
     method_defaults, network_defaults, reconstruct, results_to_dicts, unit_errors,
 )
+from .runtime import check_input_accepted
+from .shapes import dims, dynamic_image_axes, image_inputs
 from .validate import Validation, require_parity, validate
 
 METHODS = ("rtn", *RECONSTRUCTION_METHODS)
@@ -69,6 +71,7 @@ class QuantizeConfig:
     device: str = "cpu"
     provider: str = "auto"
     seed: int = 0
+    dynamic_batch: bool = False  # a model that fixes its batch size is written with a dynamic one
     modcap: str | None = None  # off, data or free (None: DEFAULT_MODCAP when reconstructing, else off)
     modcap_k: int | None = None  # pairs merged (default: about one per four blocks)
     compare_granularity: bool = False  # also reconstruct without ModCap and report both
@@ -184,7 +187,7 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
         "method": config.method, "preset": config.resolved_preset, "iters": config.iters, "wbits": config.weight_bits,
         "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
         "seed": config.seed,
-    })
+    }, dynamic_batch=config.dynamic_batch)
     with stage_model(exported, weights, output, external_data=prepared.external_data) as staged:
         validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out, device,
                               config.provider)
@@ -224,7 +227,7 @@ class Simulation:
 
 def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device: torch.device) -> Simulation:
     """prepare -> partition -> plan -> mirror -> calibrate: the quantized model before reconstruction."""
-    prepared = prepare(model_path)
+    prepared = prepare(model_path, flags=config.preprocess)
     units = partition(prepared.model)
     plan = make_plan(prepared.model, PlanOptions(
         wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
@@ -233,7 +236,10 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     ))
     mirror = NetworkMirror(prepared, units).eval().to(device)
     preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
-    data = load_calibration(calib_path, preprocessing, graph_input_shape(prepared.model), config.num_calib)
+    input_shape = graph_input_shape(prepared.model)
+    data = load_calibration(calib_path, preprocessing, input_shape, config.num_calib)
+    if dynamic_image_axes(list(input_shape)):
+        check_input_accepted(str(model_path), data.inputs[:1])
     stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
     quantizers = build_quantizers(mirror, plan, stats, config.init)
     mirror.attach(quantizers)
@@ -390,8 +396,7 @@ def output_path(model_path: Path, config: QuantizeConfig) -> Path:
 
 
 def graph_input_shape(model) -> tuple:
-    constants = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in constants]
+    inputs = image_inputs(model)
     if len(inputs) != 1:
         raise UserError(f"the model has {len(inputs)} graph inputs; quantization needs exactly one image input")
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim)
+    return tuple(dims(inputs[0]))

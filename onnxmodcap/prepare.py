@@ -13,13 +13,17 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper, shape_inference
 
+from .batch import FixedBatch, fixed_batch, free_batch
 from .errors import UserError, first_line
+from .preprocess import given_input_size
+from .shapes import UNKNOWN, tensor_shapes
 from .weights import Weights, add_initializer, detach_large, fits_in_protobuf, tensor_value, used_weights, with_values
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -51,6 +55,7 @@ class PreparedModel:
     source: Path
     source_digest: str  # SHA-256 of the model file and its external-data files, in that order
     external_data: bool  # the source keeps its weights in external-data files
+    batch: FixedBatch | None = None  # the batch size the source fixes (the prepared graph's is symbolic)
     bn_stats: dict[str, BatchNormStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -64,7 +69,9 @@ class LoadedModel:
     data_files: list[Path]  # the external-data files it names
 
 
-def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
+def prepare(path: str | os.PathLike, simplify: bool = True, flags: Mapping[str, Any] | None = None) -> PreparedModel:
+    """`flags`: the command line's preprocessing flags; their input size (or the model metadata's)
+    fills a dynamic image size where the graph must run here."""
     source = Path(path)
     loaded = load_model(source)
     model, weights = loaded.model, loaded.weights
@@ -81,6 +88,10 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
     if simplify:
         model, weights = simplify_or_keep(model, weights, notes)
     model = infer_shapes(model)
+    batch = fixed_batch(model, given_input_size(model, flags or {}))
+    if batch:
+        model = infer_shapes(free_batch(model, weights, batch))
+        notes.append(f"the model fixes its batch size at {batch.size}: prepared with a free batch size")
     if localize_batch_reads(model):
         notes.append("moved batch-size reads of the graph input next to where they are used")
         model = infer_shapes(model)
@@ -92,7 +103,7 @@ def prepare(path: str | os.PathLike, simplify: bool = True) -> PreparedModel:
         notes.append(f"dropped BN statistics of {len(missing)} tensors that simplification removed")
     return PreparedModel(model=model, weights=used_weights(model, weights), source=source,
                          source_digest=source_digest([source] + loaded.data_files),
-                         external_data=bool(loaded.data_files), bn_stats=bn_stats, notes=notes)
+                         external_data=bool(loaded.data_files), batch=batch, bn_stats=bn_stats, notes=notes)
 
 
 def load_model(path: Path) -> LoadedModel:
@@ -238,15 +249,6 @@ def simplify_or_keep(model: onnx.ModelProto, weights: Weights, notes: list[str])
     return simplified, simplified_weights
 
 
-def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    shapes = {}
-    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        if info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
-                                 for d in info.type.tensor_type.shape.dim]
-    return shapes
-
-
 def reads_batch_only(node: onnx.NodeProto) -> bool:
     attrs = {a.name: a.i for a in node.attribute}
     return node.op_type == "Shape" and attrs.get("start", 0) == 0 and attrs.get("end") == 1
@@ -269,12 +271,12 @@ def localize_batch_reads(model: onnx.ModelProto) -> int:
     head: the input then stays alive across the whole network and no cut point exists. Each Shape
     that reads only the batch dimension moves, with the computation hanging on it, right before its
     first other consumer, and reads there the latest tensor with the same symbolic batch dimension."""
-    shapes = symbolic_shapes(model)
+    shapes = tensor_shapes(model)
     constants = {t.name for t in model.graph.initializer}
     moved = 0
     for shape_node in [n for n in model.graph.node if reads_batch_only(n)]:
         batch = (shapes.get(shape_node.input[0]) or [None])[0]
-        if not isinstance(batch, str) or not batch:
+        if not isinstance(batch, str) or batch == UNKNOWN:
             continue
         nodes = list(model.graph.node)
         chain, produced = shape_chain(shape_node, consumers(model), constants)

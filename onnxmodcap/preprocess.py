@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .shapes import dims, image_inputs
 
 METADATA_KEY = "onnxmodcap.preprocess"
 COLORS = ("rgb", "bgr", "grey")
@@ -133,12 +134,18 @@ def resolve_preprocessing(input_shape: Sequence[Any], metadata: Mapping[str, str
 def preprocessing_for_onnx(model, flags: Mapping[str, Any]) -> Preprocessing:
     """`resolve_preprocessing` for an onnx.ModelProto (calibration reads the model with onnx,
     evaluation with ONNX Runtime): its first graph input that is not an initializer."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    graph_input = next(value for value in model.graph.input if value.name not in initializers)
-    shape = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param
-             for dim in graph_input.type.tensor_type.shape.dim]
+    shape = dims(image_inputs(model)[0])
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     return resolve_preprocessing(shape, metadata, flags)
+
+
+def given_input_size(model, flags: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The input size from `flags` (the command line) or the model's metadata, if either gives one."""
+    if flags.get("input_size") is not None:
+        return parse_size(flags["input_size"], "--input-size")
+    metadata = read_metadata({entry.key: entry.value for entry in model.metadata_props})
+    return parse_size(metadata["input_size"], f"model metadata {METADATA_KEY} input_size") \
+        if "input_size" in metadata else None
 
 
 def read_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:

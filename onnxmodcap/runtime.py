@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -76,3 +77,36 @@ def targets_tensorrt(model: str | bytes) -> bool:
 def session_provider(session: ort.InferenceSession) -> str:
     """The short name (`cuda` or `cpu`) of the provider that runs the session's nodes first."""
     return "cuda" if session.get_providers()[0] == PROVIDERS["cuda"] else "cpu"
+
+
+def fixed_batch_size(session: ort.InferenceSession) -> int | None:
+    """The batch size the model's (first) input fixes, or None where it is dynamic."""
+    batch = session.get_inputs()[0].shape[0]
+    return batch if isinstance(batch, int) and batch > 0 else None
+
+
+def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Every output of `session` on `inputs`, fed `batch_size` images at a time, or as many as a
+    fixed batch size takes (the last chunk padded with zeros, whose outputs are dropped)."""
+    name = session.get_inputs()[0].name
+    fixed = fixed_batch_size(session)
+    step = fixed or batch_size
+    results = []
+    for start in range(0, len(inputs), step):
+        chunk = inputs[start:start + step]
+        count = len(chunk)
+        if fixed and count < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - count, *chunk.shape[1:]), chunk.dtype)])
+        results.append([output[:count] for output in session.run(None, {name: chunk})])
+    return [np.concatenate(outputs) for outputs in zip(*results)]
+
+
+def check_input_accepted(model: str, inputs: np.ndarray) -> None:
+    """Run `model` on `inputs` in ONNX Runtime's CPU provider; a model that rejects their shape is
+    the user's choice of --input-size, not a fault of the tool."""
+    session = create_session(model, "cpu")
+    try:
+        session.run(None, {session.get_inputs()[0].name: inputs})
+    except Exception as err:  # onnxruntime raises its own exception types per failure kind
+        raise UserError(f"the model does not run on input {list(inputs.shape[1:])} (--input-size): "
+                        f"{str(err).strip().splitlines()[0]}") from None

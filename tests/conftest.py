@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import zoo  # noqa: E402
 
-TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo")
+TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo", "dynamo_static")
 EXPORTERS = TORCH_EXPORTERS + ("paddle",)
 
 
@@ -43,7 +43,7 @@ def export_zoo_model(name, exporter, folder):
     elif exporter == "legacy_bn":
         zoo.export_legacy(model, path, entry.input_shape, keep_bn=True)
     else:
-        zoo.export_dynamo(model, path, entry.input_shape)
+        zoo.export_dynamo(model, path, entry.input_shape, static_batch=exporter == "dynamo_static")
     return path, entry
 
 
@@ -51,8 +51,8 @@ def export_zoo_model(name, exporter, folder):
 def exported_model(tmp_path_factory):
     """Factory: exported_model(name, exporter) -> (path, ZooEntry | None).
 
-    exporter is one of 'legacy', 'legacy_bn', 'dynamo', 'paddle' (for 'paddle' the name is
-    ignored). Each model is built and exported once per session."""
+    exporter is one of 'legacy', 'legacy_bn', 'dynamo' (dynamic batch), 'dynamo_static' (the
+    exporter's default: batch 1), 'paddle' (for 'paddle' the name is ignored). Each model is built and exported once per session."""
     folder = tmp_path_factory.mktemp("zoo")
     cache = {}
 

@@ -209,4 +209,4 @@ def test_missing_model_and_wrong_reference(tmp_path, rgb_model):
     one_error_line(evaluate(tmp_path / "none.onnx", "--data", tmp_path / "photos"), f"{tmp_path / 'none.onnx'}: no such file")
     five = export_tiny_model(tmp_path / "five.onnx", classes=5)
     one_error_line(evaluate(rgb_model, "--data", tmp_path / "photos", "--reference", five),
-                   "the reference model outputs 5 values per image but the model outputs 4")
+                   "the reference model's outputs per image are 5 but the model's are 4")

@@ -23,7 +23,10 @@ from onnxmodcap.cli import main
 from onnxmodcap.errors import UserError
 from onnxmodcap.export import export_qdq
 from onnxmodcap.runtime import create_session
-from onnxmodcap.validate import MIN_EXACT_IMAGES, Validation, other_convolution_order, require_parity
+from onnxmodcap.metrics import OutputFidelity
+from onnxmodcap.validate import (
+    MIN_EXACT_IMAGES, OutputParity, Parity, Validation, other_convolution_order, require_parity,
+)
 
 CALIB, PARITY = 96, 64
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
@@ -48,7 +51,7 @@ def assert_parity(result):
     validation = result.validation
     assert validation.held_out and validation.images == PARITY
     assert validation.parity_ok
-    assert validation.exact_images >= MIN_EXACT_IMAGES
+    assert validation.parity.exact_images >= MIN_EXACT_IMAGES
     assert result.output.exists()
 
 
@@ -314,15 +317,17 @@ def test_a_model_with_many_rounding_flips_passes_parity_against_torchs_own_noise
 
 @pytest.mark.parametrize(("argmax", "torch_argmax", "failure"), [
     (0.94, 0.96, None),  # 6 % of top-1 changes where torch's own noise makes 4 %: the same kind of difference
-    (0.94, 0.98, "argmax agreement 94.0% of 64 images (at least 95% needed, or at most 2x the 2.0% of top-1 "
-                 "changes torch's own rounding noise makes)"),
+    (0.94, 0.98, "argmax agreement of output 'logits' 94.0% (at least 95% needed, or at most 2x the 2.0% of "
+                 "top-1 changes torch's own rounding noise makes)"),
     (0.95, 1.0, None),
 ])
 def test_top1_changes_are_judged_against_torchs_own(argmax, torch_argmax, failure):
-    validation = Validation(images=64, held_out=True, provider="cpu", max_abs_diff=0.1, max_abs_diff_relative=0.01,
-                            exact_images=0.5, gap=1.0, ort_noise=0.0, torch_noise=1.0,
-                            argmax_agreement=argmax, torch_argmax_agreement=torch_argmax, float_top1_agreement=0.9,
-                            float_kl=0.1, float_cosine=0.9)
+    output = OutputParity(name="logits", max_abs_diff=0.1, max_abs_diff_relative=0.01, gap=1.0, ort_noise=0.0,
+                          torch_noise=1.0, argmax_agreement=argmax, torch_argmax_agreement=torch_argmax)
+    fidelity = OutputFidelity(name="logits", kind="classes", sqnr_db=20.0, cosine=0.9, relative_l2=0.1,
+                              top1_agreement=0.9, kl=0.1)
+    validation = Validation(held_out=True, provider="cpu", fidelity=[fidelity],
+                            parity=Parity(images=64, input_shape=[3, 32, 32], exact_images=0.5, outputs=[output]))
     if failure is None:
         require_parity(validation)
     else:

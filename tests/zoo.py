@@ -733,6 +733,50 @@ def build_convnext():
 
 
 # ---------------------------------------------------------------------------------------------
+# A detector-shaped graph: dynamic height and width, an FPN neck, two outputs
+
+
+class TinyFPN(nn.Module):
+    """Three stride-2 stages; an FPN top-down path (nearest upsampling x2, lateral 1x1 conv, Concat);
+    a per-pixel probability map at 1/4 resolution (like DBNet's) and class scores from the deepest
+    stage. Any input size that is a multiple of 8 works."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stage1 = conv_bn(3, 8, 3, stride=2, act=nn.ReLU)
+        self.stage2 = conv_bn(8, 16, 3, stride=2, act=nn.ReLU)
+        self.stage3 = conv_bn(16, 32, 3, stride=2, act=nn.ReLU)
+        self.lateral3 = nn.Conv2d(32, 16, 1)
+        self.lateral2 = nn.Conv2d(16, 16, 1)
+        self.fuse = conv_bn(32, 16, 3, act=nn.ReLU)
+        self.probability = nn.Conv2d(16, 1, 1)
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x):
+        c2 = self.stage2(self.stage1(x))
+        c3 = self.stage3(c2)
+        top = F.interpolate(self.lateral3(c3), scale_factor=2.0, mode="nearest")
+        fused = self.fuse(torch.cat([top, self.lateral2(c2)], dim=1))
+        scores = self.classifier(F.adaptive_avg_pool2d(c3, 1).flatten(1))
+        return torch.sigmoid(self.probability(fused)), scores
+
+
+def build_fpn():
+    return ready(TinyFPN())
+
+
+def export_dynamic_size(model, path, input_shape=(3, 32, 32), opset=17):
+    """Legacy exporter with dynamic batch, height and width, and two outputs."""
+    example = torch.randn(EXAMPLE_BATCH, *input_shape)
+    axes = {"input": {0: "batch", 2: "height", 3: "width"}, "probability": {0: "batch", 2: "map_height", 3: "map_width"},
+            "scores": {0: "batch"}}
+    with _quiet():
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=["probability", "scores"], dynamic_axes=axes)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 CIFAR = (3, 32, 32)
@@ -816,10 +860,11 @@ def export_legacy(model, path, input_shape, opset=17, keep_bn=False):
     return path
 
 
-def export_dynamo(model, path, input_shape, opset=18):
-    """torch.export-based exporter (opset 18) with a dynamic batch dimension."""
-    example = torch.randn(EXAMPLE_BATCH, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+def export_dynamo(model, path, input_shape, opset=18, static_batch=False):
+    """torch.export-based exporter (opset 18) with a dynamic batch dimension, or, with `static_batch`,
+    as the exporter does by default: batch 1, folded into the graph's constants."""
+    example = torch.randn(1 if static_batch else EXAMPLE_BATCH, *input_shape)
+    dynamic = {} if static_batch else {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},)}
     with _quiet():
         torch.onnx.export(
             model,
@@ -829,9 +874,9 @@ def export_dynamo(model, path, input_shape, opset=18):
             opset_version=opset,
             input_names=["input"],
             output_names=["output"],
-            dynamic_shapes=({0: batch},),
             external_data=False,
             verbose=False,
+            **dynamic,
         )
     return path
 
