@@ -35,8 +35,9 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_IMAGES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings, batchnorm_targets,
-    method_defaults, network_defaults, reconstruct, results_to_dicts, unit_errors,
+    LOSS_IMAGES, PREDICTION_OBJECTIVES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings,
+    batchnorm_targets, method_defaults, network_defaults, prediction_objective, reconstruct, results_to_dicts,
+    unit_errors,
 )
 from .runtime import check_input_accepted
 from .shapes import dims, dynamic_image_axes, image_inputs
@@ -263,8 +264,13 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
         mirror.attach(sim.quantizers)
     initial_state = quantizer_state(sim.quantizers)
 
+    objective = None
+    if config.method == "pdquant":
+        float_mirror = NetworkMirror(sim.prepared, sim.units).eval().to(device)
+        objective = prediction_objective(float_mirror, sim.data.inputs[:LOSS_IMAGES], device)
+
     def run_reconstruction(on: NetworkMirror, saving: Checkpointer | None, resume: bool, cache: Path) -> list[dict]:
-        prediction = pdquant_inputs(sim, on, device) if config.method == "pdquant" else None
+        prediction = pdquant_inputs(sim, on, device, objective) if objective else None
         return results_to_dicts(reconstruct(
             on, sim.quantizers, sim.data.inputs, settings, device, config.seed, cache_folder=cache,
             cache_budget=int(config.cache_mem * (1 << 30)), checkpointer=saving, resume=resume,
@@ -277,6 +283,8 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     if config.method == "pdquant":
         report["distribution_correction"] = distribution_correction(sim.prepared, settings)
         tqdm.write(f"note: distribution correction {report['distribution_correction']}", file=sys.stderr)
+        report["prediction_difference"] = {"objective": objective, "description": PREDICTION_OBJECTIVES[objective]}
+        tqdm.write(f"note: prediction difference: {PREDICTION_OBJECTIVES[objective]}", file=sys.stderr)
     report["reconstruction"] = run_reconstruction(mirror, checkpointer, config.resume, checkpointer.folder / "cache")
     losses["after"] = unit_errors(sim.mirror, loss_images, device)
     losses["oscillation"] = oscillation(losses["after"])
@@ -314,9 +322,9 @@ def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.devic
     return choose_groups(config.granularity, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
 
 
-def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device) -> Prediction:
+def pdquant_inputs(sim: Simulation, mirror: NetworkMirror, device: torch.device, objective: str) -> Prediction:
     float_mirror = NetworkMirror(sim.prepared, [u.unit for u in mirror.units]).eval().to(device)
-    return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats))
+    return Prediction(float_mirror, batchnorm_targets(sim.prepared.bn_stats), objective)
 
 
 def work_folder(output: Path, config: QuantizeConfig) -> Path:

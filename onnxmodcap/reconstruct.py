@@ -12,8 +12,12 @@ input drops exactly the elements the mix took from the float input; see `input_d
 
 PD-Quant adds, on top of QDrop, the prediction difference: the unit's output on the quantized input
 (no drop at the unit's input; the quantizers inside the unit drop as in the rest of the batch) is
-carried through the rest of the network in float to the logits, and
-KL(softmax(z_float / T) || softmax(z / T)) / lambda_r joins the objective. Before a unit is trained,
+carried through the rest of the network in float to the outputs, and the prediction difference
+divided by lambda_r joins the objective. Where every graph output holds class scores (a classifier)
+that is KL(softmax(z_float / T) || softmax(z / T)), as published; for any other outputs (a
+detector's maps, a text recogniser's sequence) it is the squared error between float and quantized
+outputs, each divided by the variance of the float output over the calibration images, summed over
+outputs (`PREDICTION_OBJECTIVES`). Before a unit is trained,
 its float input is corrected (distribution correction): Adam moves it so that, image by image, the
 per-channel mean and std of every BatchNormalization inside the unit match that BN's running
 statistics, with a penalty ||X_c - X||^2 / lambda_c; X_c then replaces the float input, and the float
@@ -37,6 +41,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .checkpoint import Checkpointer, set_device_rng_state
+from .metrics import output_kind
 from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .quantizers import QuantizerSet, keep_mask
 
@@ -146,9 +151,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     with TensorCache(cache_budget, cache_folder) as cache:
         float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
         quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
-        logits = None
+        predicted = None
         if settings.method == "pdquant":
-            logits = float_logits(prediction.float_mirror, inputs, cache, device)
+            predicted = float_predictions(prediction, inputs, cache, device)
         with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
@@ -158,8 +163,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                         generator.set_state(resumed.generator_state)
                         set_device_rng_state(resumed.device_state, device)
                     data = UnitData(quantized_stream.inputs_of(unit), float_inputs, float_outputs, float_outputs)
-                    if logits is not None:
-                        data = prediction_data(data, prediction, index, float_stream, logits, settings, device, cache)
+                    if predicted is not None:
+                        data = prediction_data(data, prediction, index, float_stream, predicted, settings, device,
+                                               cache)
                     results.append(reconstruct_unit(unit, data, settings, device, generator))
                     for cached in data.temporary:
                         cache.release(cached)
@@ -171,13 +177,28 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     return results
 
 
+PREDICTION_OBJECTIVES = {
+    "kl": "KL divergence of the class scores (every output holds class scores)",
+    "mse": "squared error of every output, each divided by its float variance",
+}
+
+
 @dataclass
 class Prediction:
     """What PD-Quant needs beyond the quantized mirror: the float network (the same units, no
-    quantizers) and the target statistics of each folded BatchNormalization output."""
+    quantizers), the target statistics of each folded BatchNormalization output, and the
+    prediction difference's objective (a key of PREDICTION_OBJECTIVES)."""
 
     float_mirror: NetworkMirror
     bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    objective: str
+
+
+def prediction_objective(float_mirror: NetworkMirror, inputs: np.ndarray, device: torch.device) -> str:
+    """`kl` where the float network's every output holds class scores on `inputs`, else `mse`."""
+    with torch.no_grad():
+        outputs = float_mirror(torch.from_numpy(inputs).to(device))
+    return "kl" if all(output_kind(o.float().cpu().numpy()) == "classes" for o in outputs) else "mse"
 
 
 def batchnorm_targets(stats: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -204,38 +225,50 @@ class UnitData:
     temporary: list[CachedTensor] = field(default_factory=list)  # released after the unit
 
 
-def float_logits(float_mirror: NetworkMirror, inputs: np.ndarray, cache: TensorCache,
-                 device: torch.device) -> CachedTensor:
-    """The float network's logits of every calibration image, the target of PD-Quant's KL term."""
-    [logits] = cache.store(run_in_batches(float_mirror, [CachedTensor(torch.from_numpy(inputs))], device), len(inputs))
-    return logits
+@dataclass
+class FloatPredictions:
+    """The float network's outputs on every calibration image (the targets of the prediction
+    difference), each output's variance over them, and the objective."""
+
+    outputs: list[CachedTensor]
+    variances: list[float]
+    objective: str
+
+
+def float_predictions(prediction: Prediction, inputs: np.ndarray, cache: TensorCache,
+                      device: torch.device) -> FloatPredictions:
+    outputs = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))], device),
+                          len(inputs))
+    variances = [float(torch.as_tensor(np.asarray(o.data), dtype=torch.float64).var()) or 1.0 for o in outputs]
+    return FloatPredictions(outputs, variances, prediction.objective)
 
 
 class FloatRest:
-    """The float network after one unit: carries that unit's outputs on to the logits."""
+    """The float network after one unit: carries that unit's outputs on to the graph outputs."""
 
-    def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, logits: CachedTensor,
+    def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, predicted: FloatPredictions,
                  device: torch.device):
         self.units = list(float_mirror.units[index + 1:])
         self.outputs = float_mirror.units[index].unit.outputs
         self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
-        self.logits_name = float_mirror.output_names[0]
-        self.logits = logits
+        self.output_names = float_mirror.output_names
+        self.predicted = predicted
         self.device = device
 
-    def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> list[torch.Tensor]:
         env = dict(zip(self.others, channels_last([t[picks].to(self.device) for t in self.others.values()])))
         env.update(zip(self.outputs, channels_last(outputs)))
         for unit in self.units:
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
-        return env[self.logits_name]
+        return [env[name] for name in self.output_names]
 
 
-def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: TensorStream, logits: CachedTensor,
-                    settings: ReconstructionSettings, device: torch.device, cache: TensorCache) -> UnitData:
+def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: TensorStream,
+                    predicted: FloatPredictions, settings: ReconstructionSettings, device: torch.device,
+                    cache: TensorCache) -> UnitData:
     started = time.monotonic()
     float_unit = prediction.float_mirror.units[index]
-    rest = FloatRest(prediction.float_mirror, index, stream, logits, device)
+    rest = FloatRest(prediction.float_mirror, index, stream, predicted, device)
     if not settings.dc:
         return replace(data, rest=rest, correction="off (--no-dc)")
     corrected, correction = correct_distribution(float_unit, data.float_inputs, prediction.bn_targets, settings,
@@ -325,10 +358,18 @@ class ChannelMoments(torch.autograd.Function):
         return torch.addcmul(offset.unsqueeze(2), flat, slope.unsqueeze(2))
 
 
-def prediction_difference(logits: torch.Tensor, float_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(float / T) || softmax(quantized / T)), averaged over images."""
-    return F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(float_logits / temperature, 1),
-                    reduction="batchmean")
+def prediction_difference(outputs: list[torch.Tensor], float_outputs: list[torch.Tensor],
+                          predicted: FloatPredictions, temperature: float) -> torch.Tensor:
+    """`kl`: KL(softmax(float / T) || softmax(quantized / T)) of each output's class scores, averaged
+    over images. `mse`: each output's mean squared error over its float variance. Summed over outputs."""
+    total = 0.0
+    for output, target, variance in zip(outputs, float_outputs, predicted.variances):
+        if predicted.objective == "kl":
+            total = total + F.kl_div(F.log_softmax(output.flatten(1) / temperature, 1),
+                                     F.softmax(target.flatten(1) / temperature, 1), reduction="batchmean")
+        else:
+            total = total + F.mse_loss(output, target) / variance
+    return total
 
 
 class CachedTensor:
@@ -605,9 +646,11 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
         outputs = as_tuple(unit(*batch))
     loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
     if len(carried):
-        logits = data.rest(tuple(o[len(picks):] for o in outputs), carried)
-        loss = loss + prediction_difference(logits, data.rest.logits[carried].to(device),
-                                            settings.pd_temperature) * settings.pd_interval / settings.pd_lambda
+        predicted = data.rest.predicted
+        difference = prediction_difference(data.rest(tuple(o[len(picks):] for o in outputs), carried),
+                                           [t[carried].to(device) for t in predicted.outputs], predicted,
+                                           settings.pd_temperature)
+        loss = loss + difference * settings.pd_interval / settings.pd_lambda
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
     return loss

@@ -155,6 +155,17 @@ def test_a_dynamic_size_graph_with_two_outputs(fpn, calib, tmp_path, device, met
     assert probability.shape == (2, 1, 12, 20) and scores.shape == (2, 5)
 
 
+def test_pdquant_on_a_detector_uses_the_normalised_squared_error(fpn, calib, tmp_path, device):
+    """The probability map holds no class scores: the prediction difference is each output's squared
+    error over its float variance, and the run is told so."""
+    result = onnxmodcap.quantize(fpn, calib, method="pdquant", iters=20, bits=4, output=str(tmp_path / "q.onnx"),
+                                 num_calib=CALIB, device=device, preprocess={"input_size": "32"})
+    assert result.validation.parity_ok
+    assert result.report["prediction_difference"] == {
+        "objective": "mse", "description": "squared error of every output, each divided by its float variance"}
+    assert all(u["loss_after"] < u["loss_before"] for u in result.report["reconstruction"])
+
+
 def test_inspect_a_dynamic_size_graph(fpn):
     result = run_cli("inspect", fpn)
     assert result.exit_code == 2

@@ -144,6 +144,7 @@ def test_pdquant_with_data_modcap_corrects_the_inputs_of_single_units_and_not_of
     settings = result.report["reconstruction_settings"]
     assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (4.0, 0.02, 0.01)
     assert result.report["distribution_correction"] == "on: 20 BatchNormalization statistics recorded by prepare"
+    assert result.report["prediction_difference"]["objective"] == "kl"
 
 
 def test_compare_granularity_reports_both_loss_curves(exported_model, calib, tmp_path):

@@ -22,7 +22,7 @@ import torch
 
 from onnxmodcap.pipeline import QuantizeConfig, pdquant_inputs, simulate
 from onnxmodcap.reconstruct import (PRESETS, FloatRest, ReconstructionSettings, TensorCache, TensorStream, UnitData,
-                                    float_logits, output_error, start_training, training_loss)
+                                    float_predictions, output_error, start_training, training_loss)
 
 
 def median_ms(actions, steps: int, warmup: int) -> list[float]:
@@ -76,8 +76,8 @@ def main() -> None:
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
     stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
     if args.method == "pdquant":
-        float_mirror = pdquant_inputs(sim, sim.mirror, cpu).float_mirror
-        logits = float_logits(float_mirror, sim.data.inputs, cache, cpu)
+        prediction = pdquant_inputs(sim, sim.mirror, cpu, "kl")
+        predicted = float_predictions(prediction, sim.data.inputs, cache, cpu)
     print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
     print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
@@ -88,7 +88,7 @@ def main() -> None:
         outputs = stream.advance(index, unit, quantized=False, device=cpu)
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
-        rest = FloatRest(float_mirror, index, stream, logits, cpu) if args.method == "pdquant" else None
+        rest = FloatRest(prediction.float_mirror, index, stream, predicted, cpu) if args.method == "pdquant" else None
         data = UnitData(inputs, inputs, outputs, outputs, rest=rest)
         training = start_training(unit, settings)
 
