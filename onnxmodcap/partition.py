@@ -14,10 +14,20 @@ Segments are then grouped into units:
   as in MobileNetV2); a gating segment ending in Mul (squeeze-excite) stays inside its block;
 - nodes without weights join the unit before them; chains of more than three weighted layers
   that nothing closes are cut into units of two.
+
+Detectors and text recognisers hold several tensors alive over long stretches (an FPN keeps each
+backbone stage's output until the neck reads it), so single-tensor cut points can be dozens of
+layers apart. A segment with more than MAX_UNIT_LAYERS weighted layers is therefore cut again
+where one tensor is alive besides those carried on: tensors whose next use lies beyond the next
+two weighted layers, which the unit after the cut reads from earlier units (it then has several
+inputs, the one before it several outputs). A group with more than MAX_UNIT_LAYERS weighted layers
+that nothing closes (a backbone of plain and squeeze-excite layers) is cut into units of two
+weighted segments, never in front of a squeeze-excite gate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import onnx
@@ -29,6 +39,9 @@ ACTIVATION_OPS = {
 }
 CHAIN_SPLIT_ABOVE = 3
 CHAIN_PIECE = 2
+MAX_UNIT_LAYERS = 6  # more weighted layers than this in one segment or group: cut it again
+CARRIED_AFTER_LAYERS = 2  # a tensor next used beyond this many more weighted layers is carried past a cut
+MAX_CUT_TENSORS = 4  # at most this many tensors cross a cut inside a large segment
 
 
 @dataclass
@@ -50,9 +63,13 @@ class Unit:
 @dataclass
 class Segment:
     nodes: list[onnx.NodeProto]
-    weighted: bool
+    layers: int  # weighted layers
     branching: bool
     has_activation: bool
+
+    @property
+    def weighted(self) -> bool:
+        return self.layers > 0
 
     @property
     def is_block(self) -> bool:
@@ -61,6 +78,11 @@ class Segment:
     @property
     def is_single_layer(self) -> bool:
         return self.weighted and not self.branching
+
+    @property
+    def is_gate(self) -> bool:
+        """A squeeze-excite branch and the Mul that applies it: it belongs to the layers before it."""
+        return self.weighted and self.branching and self.nodes[-1].op_type == "Mul"
 
 
 def weighted_layers(model: onnx.ModelProto) -> list[str]:
@@ -100,24 +122,62 @@ def partition(model: onnx.ModelProto) -> list[Unit]:
 
 def split_at_cut_points(model: onnx.ModelProto, constants: set[str]) -> list[Segment]:
     nodes = list(model.graph.node)
-    graph_outputs = {o.name for o in model.graph.output}
-    last_use: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            if name and name not in constants:
-                last_use[name] = i
-    for name in graph_outputs:
-        last_use[name] = len(nodes)
-    alive = {i.name for i in model.graph.input if i.name not in constants and i.name in last_use}
+    lifetimes = Lifetimes(model, constants)
+    alive = {name for name, at in lifetimes.produced.items() if at < 0 and name in lifetimes.last_use}
     segments, start = [], 0
     for i, node in enumerate(nodes):
-        alive |= {out for out in node.output if out and last_use.get(out, -1) > i}
-        alive -= {name for name in node.input if last_use.get(name) == i}
+        alive |= {out for out in node.output if out and lifetimes.last_use.get(out, -1) > i}
+        alive -= {name for name in node.input if lifetimes.last_use.get(name) == i}
         if len(alive) == 1 and i < len(nodes) - 1:
             segments.append(make_segment(nodes[start:i + 1], constants))
             start = i + 1
     segments.append(make_segment(nodes[start:], constants))
-    return segments
+    return [piece for segment in segments for piece in split_large_segment(segment, nodes, lifetimes, constants)]
+
+
+class Lifetimes:
+    """Where each tensor is produced and used, in node order (graph outputs: used at the end)."""
+
+    def __init__(self, model: onnx.ModelProto, constants: set[str]):
+        nodes = list(model.graph.node)
+        self.produced = {i.name: -1 for i in model.graph.input if i.name not in constants}
+        self.uses: dict[str, list[int]] = {}
+        for i, node in enumerate(nodes):
+            self.produced.update({out: i for out in node.output if out})
+            for name in node.input:
+                if name and name not in constants:
+                    self.uses.setdefault(name, []).append(i)
+        for output in model.graph.output:
+            self.uses.setdefault(output.name, []).append(len(nodes))
+        self.last_use = {name: uses[-1] for name, uses in self.uses.items()}
+        self.weighted = [i for i, node in enumerate(nodes) if is_weighted(node, constants)]
+
+    def alive_after(self, i: int) -> set[str]:
+        return {name for name, at in self.produced.items() if at <= i < self.last_use.get(name, -1)}
+
+    def carried_after(self, i: int) -> set[str]:
+        """The tensors alive after node i whose next use lies beyond the next CARRIED_AFTER_LAYERS
+        weighted layers."""
+        later = [k for k in self.weighted if k > i]
+        horizon = later[CARRIED_AFTER_LAYERS - 1] if len(later) >= CARRIED_AFTER_LAYERS else math.inf
+        return {name for name in self.alive_after(i) if min(k for k in self.uses[name] if k > i) > horizon}
+
+
+def split_large_segment(segment: Segment, nodes: list[onnx.NodeProto], lifetimes: Lifetimes,
+                        constants: set[str]) -> list[Segment]:
+    """A segment with more than MAX_UNIT_LAYERS weighted layers, cut where one tensor is alive
+    besides those carried on (at most MAX_CUT_TENSORS in all)."""
+    if segment.layers <= MAX_UNIT_LAYERS:
+        return [segment]
+    first = next(i for i, node in enumerate(nodes) if node is segment.nodes[0])
+    pieces, start = [], 0
+    for offset in range(len(segment.nodes) - 1):
+        alive = lifetimes.alive_after(first + offset)
+        if len(alive) <= MAX_CUT_TENSORS and len(alive - lifetimes.carried_after(first + offset)) == 1:
+            pieces.append(make_segment(segment.nodes[start:offset + 1], constants))
+            start = offset + 1
+    pieces.append(make_segment(segment.nodes[start:], constants))
+    return pieces
 
 
 def make_segment(nodes: list[onnx.NodeProto], constants: set[str]) -> Segment:
@@ -128,7 +188,7 @@ def make_segment(nodes: list[onnx.NodeProto], constants: set[str]) -> Segment:
                 uses[name] = uses.get(name, 0) + 1
     return Segment(
         nodes=nodes,
-        weighted=any(is_weighted(n, constants) for n in nodes),
+        layers=sum(is_weighted(n, constants) for n in nodes),
         branching=any(count > 1 for count in uses.values()),
         has_activation=any(n.op_type in ACTIVATION_OPS for n in nodes),
     )
@@ -205,11 +265,22 @@ def is_linear_output(segments: list[Segment], i: int, end: int) -> bool:
 
 
 def split_long_chain(group: list[int], segments: list[Segment]) -> list[list[int]]:
-    layers = [k for k, i in enumerate(group) if segments[i].weighted]
-    if len(layers) <= CHAIN_SPLIT_ABOVE or any(segments[i].branching and segments[i].weighted for i in group):
+    """A chain of more than CHAIN_SPLIT_ABOVE single layers, or a group of more than MAX_UNIT_LAYERS
+    weighted layers, in pieces of CHAIN_PIECE weighted segments; a gate stays with the layers before it."""
+    weighted = [i for i in group if segments[i].weighted]
+    branching = any(segments[i].branching for i in weighted)
+    if len(weighted) <= CHAIN_SPLIT_ABOVE or (branching and sum(segments[i].layers for i in group) <= MAX_UNIT_LAYERS):
         return [group]
-    starts = [0] + layers[CHAIN_PIECE::CHAIN_PIECE]
-    return [group[a:b] for a, b in zip(starts, starts[1:] + [len(group)])]
+    pieces: list[list[int]] = [[]]
+    count = 0
+    for i in group:
+        starts_layer = segments[i].weighted and not segments[i].is_gate
+        if starts_layer and count == CHAIN_PIECE:
+            pieces.append([])
+            count = 0
+        pieces[-1].append(i)
+        count += starts_layer
+    return pieces
 
 
 def unit_name(k: int, count: int, has_stem: bool, has_head: bool) -> str:

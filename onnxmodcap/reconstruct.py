@@ -228,19 +228,20 @@ class UnitData:
 @dataclass
 class FloatPredictions:
     """The float network's outputs on every calibration image (the targets of the prediction
-    difference), each output's variance over them, and the objective."""
+    difference) and each output's variance over them, by output name, and the objective."""
 
-    outputs: list[CachedTensor]
-    variances: list[float]
+    outputs: dict[str, CachedTensor]
+    variances: dict[str, float]
     objective: str
 
 
 def float_predictions(prediction: Prediction, inputs: np.ndarray, cache: TensorCache,
                       device: torch.device) -> FloatPredictions:
-    outputs = cache.store(run_in_batches(prediction.float_mirror, [CachedTensor(torch.from_numpy(inputs))], device),
-                          len(inputs))
+    float_mirror = prediction.float_mirror
+    outputs = cache.store(run_in_batches(float_mirror, [CachedTensor(torch.from_numpy(inputs))], device), len(inputs))
     variances = [float(torch.as_tensor(np.asarray(o.data), dtype=torch.float64).var()) or 1.0 for o in outputs]
-    return FloatPredictions(outputs, variances, prediction.objective)
+    return FloatPredictions(dict(zip(float_mirror.output_names, outputs)),
+                            dict(zip(float_mirror.output_names, variances)), prediction.objective)
 
 
 class FloatRest:
@@ -251,16 +252,18 @@ class FloatRest:
         self.units = list(float_mirror.units[index + 1:])
         self.outputs = float_mirror.units[index].unit.outputs
         self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
-        self.output_names = float_mirror.output_names
+        produced = {name for unit in float_mirror.units[index:] for name in unit.unit.outputs}
+        self.reached = [name for name in float_mirror.output_names if name in produced]  # what the unit can change
         self.predicted = predicted
         self.device = device
 
-    def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The graph outputs that the unit's outputs reach, by name."""
         env = dict(zip(self.others, channels_last([t[picks].to(self.device) for t in self.others.values()])))
         env.update(zip(self.outputs, channels_last(outputs)))
         for unit in self.units:
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
-        return [env[name] for name in self.output_names]
+        return {name: env[name] for name in self.reached}
 
 
 def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: TensorStream,
@@ -358,12 +361,13 @@ class ChannelMoments(torch.autograd.Function):
         return torch.addcmul(offset.unsqueeze(2), flat, slope.unsqueeze(2))
 
 
-def prediction_difference(outputs: list[torch.Tensor], float_outputs: list[torch.Tensor],
+def prediction_difference(outputs: dict[str, torch.Tensor], float_outputs: dict[str, torch.Tensor],
                           predicted: FloatPredictions, temperature: float) -> torch.Tensor:
     """`kl`: KL(softmax(float / T) || softmax(quantized / T)) of each output's class scores, averaged
     over images. `mse`: each output's mean squared error over its float variance. Summed over outputs."""
     total = 0.0
-    for output, target, variance in zip(outputs, float_outputs, predicted.variances):
+    for name, output in outputs.items():
+        target, variance = float_outputs[name], predicted.variances[name]
         if predicted.objective == "kl":
             total = total + F.kl_div(F.log_softmax(output.flatten(1) / temperature, 1),
                                      F.softmax(target.flatten(1) / temperature, 1), reduction="batchmean")
@@ -647,9 +651,9 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
     if len(carried):
         predicted = data.rest.predicted
-        difference = prediction_difference(data.rest(tuple(o[len(picks):] for o in outputs), carried),
-                                           [t[carried].to(device) for t in predicted.outputs], predicted,
-                                           settings.pd_temperature)
+        reached = data.rest(tuple(o[len(picks):] for o in outputs), carried)
+        difference = prediction_difference(reached, {name: predicted.outputs[name][carried].to(device) for name in reached},
+                                           predicted, settings.pd_temperature)
         loss = loss + difference * settings.pd_interval / settings.pd_lambda
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)

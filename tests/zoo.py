@@ -737,28 +737,30 @@ def build_convnext():
 
 
 class TinyFPN(nn.Module):
-    """Three stride-2 stages; an FPN top-down path (nearest upsampling x2, lateral 1x1 conv, Concat);
-    a per-pixel probability map at 1/4 resolution (like DBNet's) and class scores from the deepest
-    stage. Any input size that is a multiple of 8 works."""
+    """Four stride-2 stages; an FPN top-down path (nearest upsampling x2, lateral 1x1 convs, Concat,
+    a fusing conv) down to 1/4 resolution; a per-pixel probability map there (like DBNet's) and
+    class scores from the deepest stage. Any input size that is a multiple of 16 works."""
 
     def __init__(self, classes=5):
         super().__init__()
         self.stage1 = conv_bn(3, 8, 3, stride=2, act=nn.ReLU)
-        self.stage2 = conv_bn(8, 16, 3, stride=2, act=nn.ReLU)
-        self.stage3 = conv_bn(16, 32, 3, stride=2, act=nn.ReLU)
-        self.lateral3 = nn.Conv2d(32, 16, 1)
-        self.lateral2 = nn.Conv2d(16, 16, 1)
-        self.fuse = conv_bn(32, 16, 3, act=nn.ReLU)
-        self.probability = nn.Conv2d(16, 1, 1)
+        self.stage2 = nn.Sequential(conv_bn(8, 16, 3, stride=2, act=nn.ReLU), conv_bn(16, 16, 3, act=nn.ReLU))
+        self.stage3 = nn.Sequential(conv_bn(16, 32, 3, stride=2, act=nn.ReLU), conv_bn(32, 32, 3, act=nn.ReLU))
+        self.stage4 = nn.Sequential(conv_bn(32, 32, 3, stride=2, act=nn.ReLU), conv_bn(32, 32, 3, act=nn.ReLU))
+        self.lateral = nn.ModuleList([nn.Conv2d(16, 16, 1), nn.Conv2d(32, 16, 1), nn.Conv2d(32, 16, 1)])
+        self.fuse = nn.ModuleList([conv_bn(32, 16, 3, act=nn.ReLU), conv_bn(32, 16, 3, act=nn.ReLU)])
+        self.head = nn.Sequential(conv_bn(16, 16, 3, act=nn.ReLU), nn.Conv2d(16, 1, 1))
         self.classifier = nn.Linear(32, classes)
 
     def forward(self, x):
         c2 = self.stage2(self.stage1(x))
         c3 = self.stage3(c2)
-        top = F.interpolate(self.lateral3(c3), scale_factor=2.0, mode="nearest")
-        fused = self.fuse(torch.cat([top, self.lateral2(c2)], dim=1))
-        scores = self.classifier(F.adaptive_avg_pool2d(c3, 1).flatten(1))
-        return torch.sigmoid(self.probability(fused)), scores
+        c4 = self.stage4(c3)
+        top = self.lateral[2](c4)
+        for lateral, fuse, feature in ((self.lateral[1], self.fuse[1], c3), (self.lateral[0], self.fuse[0], c2)):
+            top = fuse(torch.cat([F.interpolate(top, scale_factor=2.0, mode="nearest"), lateral(feature)], dim=1))
+        scores = self.classifier(F.adaptive_avg_pool2d(c4, 1).flatten(1))
+        return torch.sigmoid(self.head(top)), scores
 
 
 def build_fpn():
