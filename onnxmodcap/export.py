@@ -122,11 +122,12 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
-    model = onnx.ModelProto.FromString(prepared.model.SerializeToString())
+    weight_encodings = {tensor: weight_encoding(fmt, quantizer) for tensor, quantizer in quantizers.weights.items()}
+    opset = max([QDQ_OPSET, model_opset(prepared.model), *(e.container.opset for e in weight_encodings.values())])
+    # raised before the Q/DQ nodes go in: the converter has no adapters for them below opset 13
+    model = with_opset(onnx.ModelProto.FromString(prepared.model.SerializeToString()), opset)
     constants = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
     writer = GraphWriter(model)
-    weight_encodings = {tensor: weight_encoding(fmt, quantizer) for tensor, quantizer in quantizers.weights.items()}
-    opset = max([QDQ_OPSET, model_opset(model), *(e.container.opset for e in weight_encodings.values())])
     with torch.no_grad():
         for tensor, quantizer in quantizers.weights.items():
             writer.dequantized_constant(tensor, constants[tensor], quantizer, weight_encodings[tensor])
@@ -144,7 +145,6 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
         set_batch_dim(model, prepared.batch, prepared.batch.size)
     weights = dict(prepared.weights)
     detach_large(model, weights)
-    model = with_opset(model, opset)
     entries = {p.key: p.value for p in model.metadata_props}
     entries[QUANTIZATION_METADATA_KEY] = json.dumps({"tool": f"onnxmodcap {__version__}", "format": fmt,
                                                      "target": target, **metadata})

@@ -18,6 +18,9 @@ import numpy as np
 
 KINDS = ("classes", "sequence", "tensor")
 PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax's sum may be
+# Probabilities below this count as this in KL: a quantized softmax output holds exact zeros, and
+# log(0) would let one negligible class dominate the divergence.
+PROBABILITY_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Per row KL(softmax(reference) || softmax(logits)). Rows that already are probabilities (a
-    softmax output) are taken as log-probabilities first, so the softmax is not applied twice."""
+    softmax output) are taken as log-probabilities first (floored at PROBABILITY_FLOOR), so the
+    softmax is not applied twice."""
     log_p, log_q = log_softmax(as_logits(reference)), log_softmax(as_logits(logits))
     return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
 
 
 def as_logits(rows: np.ndarray) -> np.ndarray:
     if rows.size and rows.min() >= 0 and np.abs(rows.sum(axis=1) - 1).max() <= PROBABILITY_TOLERANCE:
-        return np.log(np.maximum(rows, np.finfo(np.float64).tiny))
+        return np.log(np.maximum(rows, PROBABILITY_FLOOR))
     return rows
 
 

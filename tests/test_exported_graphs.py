@@ -84,7 +84,7 @@ def test_dynamic_batch_writes_the_freed_batch(exported_model, calib, tmp_path, d
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-5)
 
 
-def fixed_batch_classifier(path, batch: int, flatten: str) -> None:
+def fixed_batch_classifier(path, batch: int, flatten: str, opset: int = 17) -> None:
     """Conv -> Relu -> GlobalAveragePool -> (Flatten or Reshape to [batch, 8]) -> Gemm, batch fixed."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
@@ -100,7 +100,7 @@ def fixed_batch_classifier(path, batch: int, flatten: str) -> None:
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
     ], "fixed_batch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9), path)
 
 
 @pytest.mark.parametrize("batch, flatten", [(1, "Flatten"), (4, "Reshape")])
@@ -115,6 +115,16 @@ def test_hand_built_fixed_batch_graphs_quantize_and_evaluate(calib, tmp_path, ba
     np.savez(data, images=images, labels=np.arange(9) % 10)
     quantized = evaluate(str(output), str(data), reference_path=str(source))
     assert quantized.images == 9 and quantized.agreement >= 8 / 9
+
+
+def test_a_graph_at_opset_9_is_raised_to_13_before_the_qdq_nodes_go_in(calib, tmp_path):
+    """tf2onnx wrote OpenNSFW at opset 9; the version converter has no adapter for the
+    DequantizeLinear nodes of opset 10, so the float graph must be raised first."""
+    source, output = tmp_path / "net.onnx", tmp_path / "net.q.onnx"
+    fixed_batch_classifier(source, 1, "Flatten", opset=9)
+    result = onnxmodcap.quantize(source, calib, method="rtn", bits=8, output=str(output), num_calib=CALIB)
+    assert result.validation.parity_ok
+    assert onnx.load(output).opset_import[0].version == 13
 
 
 def test_a_batch_that_cannot_be_freed_is_refused_naming_the_node(exported_model, calib, tmp_path):

@@ -1,0 +1,273 @@
+"""Real pretrained models at their real resolution: onnxmodcap against ONNX Runtime's quantize_static.
+
+The models and images come from `tools/real_models.py` (registry packages only). Every quantizer
+calibrates on the same tensors and every quantized model is scored on the same held-out tensors
+against the float model:
+- classifiers (EfficientNet-Lite1, OpenNSFW, PP-OCRv5 orientation): top-1 agreement and KL;
+- PP-OCRv5 detection: IoU of the probability map binarised at 0.3;
+- PP-OCRv5 recognition: share of CTC-decoded strings identical to float's, per-position agreement.
+
+Each quantizer runs as its own process under /usr/bin/time (wall seconds, peak RSS). Timing runs
+must have the machine to themselves.
+
+    python tools/bench_real_models.py tensors --models /tmp/real_models --out /tmp/real_bench
+    python tools/bench_real_models.py run --models /tmp/real_models --out /tmp/real_bench \\
+        --cell ppocrv5_rec:w8a8:rtn --cell ppocrv5_rec:w8a8:ort-minmax ...
+    python tools/bench_real_models.py render --out /tmp/real_bench
+
+A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
+(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `/minmax` (--init)
+and `@300` (--iters), in that order; or ort-minmax / ort-percentile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CALIB, PARITY, HELD_OUT = 128, 64, 256
+DET_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class RealModel:
+    file: str
+    task: str  # classes | det | rec
+    calib: str  # an image folder or a .npy of ready inputs in the models folder
+    heldout: str
+    flags: dict = field(default_factory=dict)  # onnxmodcap preprocessing flags
+    batch_size: int = 32
+    images: int = CALIB  # calibration images (the detector's pages are fewer and larger)
+
+
+NSFW_FLAGS = {"layout": "nhwc", "color": "bgr", "resize": "256", "scale": "1", "mean": "104,117,123", "std": "1"}
+MODELS = {
+    "efficientnet_lite1.legacy": RealModel("efficientnet_lite1.legacy.onnx", "classes", "calib", "heldout"),
+    "efficientnet_lite1.dynamo": RealModel("efficientnet_lite1.dynamo.onnx", "classes", "calib", "heldout"),
+    "open_nsfw": RealModel("open_nsfw.onnx", "classes", "calib", "heldout", NSFW_FLAGS),
+    "ppocrv5_cls": RealModel("ppocrv5_cls.onnx", "classes", "ocr_cls_calib.npy", "ocr_cls_heldout.npy"),
+    "ppocrv5_rec": RealModel("ppocrv5_rec.onnx", "rec", "ocr_rec_calib.npy", "ocr_rec_heldout.npy",
+                             {"input_size": "48x320"}),
+    "ppocrv5_det": RealModel("ppocrv5_det.onnx", "det", "ocr_det_calib", "ocr_det_heldout", {"input_size": "640"},
+                             batch_size=4, images=48),
+}
+BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+
+
+def model_tensors(name: str, models: Path, out: Path) -> None:
+    """calib.npy (calibration then parity images) and heldout.npy of one model, preprocessed once."""
+    from onnxmodcap.calibrate import load_calibration
+    from onnxmodcap.pipeline import graph_input_shape
+    from onnxmodcap.preprocess import preprocessing_for_onnx
+    import onnx
+
+    spec = MODELS[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(models / spec.file, load_external_data=False)
+    for source, target, count in ((spec.calib, "calib.npy", spec.images + PARITY), (spec.heldout, "heldout.npy", HELD_OUT)):
+        path = models / source
+        if path.suffix == ".npy":
+            arrays = np.load(path)[:count]
+        else:
+            arrays = load_calibration(path, preprocessing_for_onnx(model, spec.flags), graph_input_shape(model),
+                                      None).inputs[:count]
+        np.save(folder / target, arrays.astype(np.float32))
+        print(f"{name}/{target}: {arrays.shape}")
+
+
+def timed(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run under /usr/bin/time: the result, wall seconds and peak RSS in MiB."""
+    completed = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True, env=env)
+    wall, rss_kib = completed.stderr.strip().splitlines()[-1].split()
+    return completed, float(wall), int(rss_kib) / 1024
+
+
+def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Path, output: Path) -> list[str]:
+    spec = MODELS[name]
+    wbits, abits = BITS[bits]
+    source, calib = models / spec.file, out / name / "calib.npy"
+    if quantizer.startswith("ort-"):
+        return [sys.executable, __file__, "ort", "--model", str(source), "--calib", str(calib), "--output", str(output),
+                "--method", quantizer[4:], "--wbits", str(wbits), "--abits", str(abits), "--count", str(spec.images)]
+    method, _, iters = quantizer.partition("@")
+    method, _, init = method.partition("/")
+    method, _, target = method.partition("+")
+    command = [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(source), "--calib", str(calib), "-o", str(output),
+               "--wbits", str(wbits), "--abits", str(abits), "--method", method, "--num-calib", str(spec.images),
+               "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json"))]
+    command += ["--iters", iters] if iters else []
+    command += ["--target", target] if target else []
+    command += ["--init", init] if init else []
+    if "input_size" in spec.flags:
+        command += ["--input-size", spec.flags["input_size"]]
+    return command
+
+
+def ort_quantize(args) -> None:
+    """ONNX Runtime's quantize_static in QDQ format, per-channel weights (QInt4 for 4-bit)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+    import onnxruntime as ort
+
+    inputs = np.load(args.calib)[:args.count]
+    name = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: inputs[i:i + 1]} for i in range(len(inputs))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = Path(args.output).with_suffix(".pre.onnx")
+    model = onnx.load(args.model)
+    if model.opset_import[0].version < 13:  # per-channel DequantizeLinear needs opset 13; quantize_static
+        model = onnx.version_converter.convert_version(model, 13)  # writes it anyway and the model fails to load
+    onnx.save(model, prepared)
+    quant_pre_process(str(prepared), str(prepared), skip_symbolic_shape=True)
+    types = {8: QuantType.QInt8, 4: QuantType.QInt4}
+    quantize_static(str(prepared), args.output, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=types[args.wbits], activation_type=types[args.abits],
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "percentile": CalibrationMethod.Percentile}[args.method])
+    prepared.unlink()
+
+
+def outputs_of(model: Path, inputs: np.ndarray, batch: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    from onnxmodcap.runtime import run_batched
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return run_batched(session, inputs, batch)[0].astype(np.float64)
+
+
+def scores(task: str, reference: np.ndarray, quantized: np.ndarray) -> dict:
+    """The task's fidelity of `quantized` to `reference` (float outputs on the held-out inputs)."""
+    from onnxmodcap.metrics import FidelityTotals, output_kind
+
+    totals = FidelityTotals("output", output_kind(reference))
+    totals.add(reference, quantized)
+    fidelity = totals.result()
+    result = {"sqnr_db": round(fidelity.sqnr_db, 2), "cosine": round(fidelity.cosine, 5)}
+    if task == "classes":
+        result |= {"top1_agreement": fidelity.top1_agreement, "kl": fidelity.kl}
+    elif task == "det":
+        a, b = reference > DET_THRESHOLD, quantized > DET_THRESHOLD
+        result["iou"] = float((a & b).sum() / max((a | b).sum(), 1))
+    else:
+        want, got = reference.argmax(-1), quantized.argmax(-1)
+        result["position_agreement"] = float((want == got).mean())
+        result["strings_identical"] = float(np.mean([ctc(w) == ctc(g) for w, g in zip(want, got)]))
+    return result
+
+
+def ctc(labels: np.ndarray) -> tuple[int, ...]:
+    """Greedy CTC: collapse repeats, drop the blank (class 0)."""
+    collapsed = [label for k, label in enumerate(labels) if k == 0 or label != labels[k - 1]]
+    return tuple(int(label) for label in collapsed if label != 0)
+
+
+def output_path(out: Path, name: str, bits: str, quantizer: str) -> Path:
+    return out / name / f"{bits}.{quantizer.replace('@', '_').replace('/', '_')}.onnx"
+
+
+def score_file(args, name: str, output: Path) -> dict:
+    spec = MODELS[name]
+    heldout = np.load(args.out / name / "heldout.npy")
+    reference = outputs_of(args.models / spec.file, heldout, spec.batch_size)
+    return scores(spec.task, reference, outputs_of(output, heldout, spec.batch_size))
+
+
+def rescore(args) -> None:
+    """Score the written models of every recorded cell again (after a change to the metrics)."""
+    path = args.out / "results.jsonl"
+    records = [json.loads(line) for line in open(path)]
+    for record in records:
+        output = output_path(args.out, record["model"], record["bits"], record["quantizer"])
+        if "error" not in record and output.exists():
+            record |= score_file(args, record["model"], output)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def run(args) -> None:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    for cell in args.cell:
+        name, bits, quantizer = cell.split(":")
+        output = output_path(args.out, name, bits, quantizer)
+        completed, wall, rss = timed(quantize_command(name, bits, quantizer, args.models, args.out, output), env)
+        record = {"model": name, "bits": bits, "quantizer": quantizer, "wall_s": wall, "peak_rss_mib": round(rss),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if completed.returncode != 0:
+            errors = [line for line in completed.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
+            record["error"] = (errors or completed.stderr.strip().splitlines()[-2:-1] or ["?"])[-1][:300]
+        else:
+            record |= score_file(args, name, output)
+        print(json.dumps(record), flush=True)
+        with open(args.out / "results.jsonl", "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+
+def render(args) -> None:
+    records = [json.loads(line) for line in open(args.out / "results.jsonl")]
+    latest = {(r["model"], r["bits"], r["quantizer"]): r for r in records}
+    print("| model | W/A | quantizer | fidelity to float | SQNR dB | wall s | peak RSS MiB |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for (model, bits, quantizer), r in sorted(latest.items()):
+        if "error" in r:
+            fidelity, sqnr = f"failed: {r['error']}", ""
+        elif "top1_agreement" in r:
+            fidelity, sqnr = f"top-1 agreement {100 * r['top1_agreement']:.1f} %, KL {r['kl']:.4f}", r["sqnr_db"]
+        elif "iou" in r:
+            fidelity, sqnr = f"IoU@{DET_THRESHOLD} {100 * r['iou']:.1f} %", r["sqnr_db"]
+        else:
+            fidelity = (f"strings identical {100 * r['strings_identical']:.1f} %, positions "
+                        f"{100 * r['position_agreement']:.2f} %")
+            sqnr = r["sqnr_db"]
+        print(f"| {model} | {bits.upper()} | {quantizer} | {fidelity} | {sqnr} | {r['wall_s']:.0f} | {r['peak_rss_mib']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tensors = commands.add_parser("tensors", help="preprocess each model's calibration and held-out inputs")
+    cells = commands.add_parser("run", help="quantize and score cells")
+    table = commands.add_parser("render", help="print the results as a markdown table")
+    again = commands.add_parser("rescore", help="score the recorded cells' models again")
+    for sub in (tensors, cells, again):
+        sub.add_argument("--models", type=Path, default=Path("/tmp/real_models"))
+    for sub in (tensors, cells, table, again):
+        sub.add_argument("--out", type=Path, default=Path("/tmp/real_bench"))
+    tensors.add_argument("--model", action="append", choices=sorted(MODELS), help="default: every model")
+    cells.add_argument("--cell", action="append", required=True, help="MODEL:BITS:QUANTIZER (repeatable)")
+    ort_run = commands.add_parser("ort", help=argparse.SUPPRESS)
+    for flag in ("--model", "--calib", "--output", "--method"):
+        ort_run.add_argument(flag, required=True)
+    for flag in ("--wbits", "--abits", "--count"):
+        ort_run.add_argument(flag, type=int, required=True)
+    args = parser.parse_args()
+    if args.command == "tensors":
+        for name in args.model or sorted(MODELS):
+            model_tensors(name, args.models, args.out)
+    elif args.command == "run":
+        run(args)
+    elif args.command == "render":
+        render(args)
+    elif args.command == "rescore":
+        rescore(args)
+    else:
+        ort_quantize(args)
+
+
+if __name__ == "__main__":
+    main()
