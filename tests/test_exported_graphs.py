@@ -67,8 +67,9 @@ def test_a_fixed_batch_in_every_target_and_format(exported_model, calib, tmp_pat
         assert check_tensorrt(str(result.output)) == []
 
 
-def test_reconstruction_on_a_fixed_batch(exported_model, calib, tmp_path, device):
-    source, result = quantize_static(exported_model, calib, tmp_path, device, "mobilenetv3", method="qdrop", iters=20,
+@pytest.mark.parametrize("method", ["brecq", "qdrop", "pdquant"])
+def test_reconstruction_on_a_fixed_batch(exported_model, calib, tmp_path, device, method):
+    source, result = quantize_static(exported_model, calib, tmp_path, device, "mobilenetv3", method=method, iters=20,
                                      wbits=4, abits=8)
     assert signature(result.output) == signature(source)
     assert len(result.report["reconstruction"]) == len(result.report["units"])
