@@ -3,7 +3,8 @@
 Steps, in order: parse, check external-data paths, run the checker, read the weights (large ones
 into a `Weights` dict, see weights.py), turn Constant nodes into initializers and remove
 Identity/Dropout, infer shapes, record the statistics of every BatchNormalization that follows a
-Conv and fold it into that Conv, then simplify with onnxsim. The input file is only ever read.
+Conv and fold it into that Conv, simplify with onnxsim, and free a batch size the exporter fixed
+(batch.py). The input file is only ever read.
 """
 
 from __future__ import annotations
