@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from .errors import UserError, first_line
 from .files import save_with_external_data
-from .preprocess import guess_layout
+from .preprocess import guess_layout, missing_input_size
 from .shapes import dims, dynamic_image_axes, image_inputs, tensor_shapes
 from .weights import Weights, fits_in_protobuf, tensor_value, with_values
 
@@ -64,7 +64,7 @@ def fixed_batch(model: onnx.ModelProto, input_size: tuple[int, int] | None) -> F
     if open_axes:
         spatial = (1, 2) if len(shape) == 4 and guess_layout(shape) == "nhwc" else (2, 3)
         if input_size is None or not set(open_axes) <= set(spatial):
-            raise UserError(f"the model input {shape} has a dynamic image size: pass --input-size")
+            raise missing_input_size(shape)
         for axis, size in zip(spatial, input_size):
             shape[axis] = size
     return FixedBatch(inputs[0].name, shape[0], tuple(shape))

@@ -15,7 +15,7 @@ from .modcap import Schedule, choose_groups, data_free_capacities, default_pairs
 from .partition import Unit, partition
 from .plan import PlanOptions, check_bits, make_plan
 from .prepare import PreparedModel, prepare
-from .preprocess import given_input_size
+from .preprocess import given_input_size, missing_input_size
 from .runtime import create_session, session_provider
 from .shapes import dims, dynamic_image_axes, image_inputs, tensor_shapes
 
@@ -62,7 +62,7 @@ def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0, 
     size = given_input_size(prepared.model, {"input_size": input_size})
     input_dims = dims(image_inputs(prepared.model)[0])
     if size is None and dynamic_image_axes(input_dims):
-        raise UserError(f"the model input {input_dims} has a dynamic image size: pass --input-size")
+        raise missing_input_size(input_dims)
     units = partition(prepared.model)
     inspection = Inspection(prepared, units, unsupported_ops(prepared.model))
     if verify and not inspection.unsupported:

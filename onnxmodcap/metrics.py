@@ -47,8 +47,7 @@ class OutputFidelity:
 def output_kind(reference: np.ndarray) -> str:
     if reference.ndim >= 2 and reference.shape[1] >= 2 and all(d == 1 for d in reference.shape[2:]):
         return "classes"
-    if reference.ndim == 3 and reference.shape[2] >= 2 and reference.size and reference.min() >= 0 \
-            and np.abs(reference.sum(axis=2) - 1).max() <= PROBABILITY_TOLERANCE:
+    if reference.ndim == 3 and reference.shape[2] >= 2 and holds_probabilities(reference, axis=2):
         return "sequence"
     return "tensor"
 
@@ -115,9 +114,12 @@ def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def as_logits(rows: np.ndarray) -> np.ndarray:
-    if rows.size and rows.min() >= 0 and np.abs(rows.sum(axis=1) - 1).max() <= PROBABILITY_TOLERANCE:
-        return np.log(np.maximum(rows, PROBABILITY_FLOOR))
-    return rows
+    return np.log(np.maximum(rows, PROBABILITY_FLOOR)) if holds_probabilities(rows, axis=1) else rows
+
+
+def holds_probabilities(values: np.ndarray, axis: int) -> bool:
+    """Whether every slice along `axis` is a probability distribution (a softmax's output)."""
+    return bool(values.size) and values.min() >= 0 and np.abs(values.sum(axis=axis) - 1).max() <= PROBABILITY_TOLERANCE
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -155,12 +155,12 @@ class Lifetimes:
     def alive_after(self, i: int) -> set[str]:
         return {name for name, at in self.produced.items() if at <= i < self.last_use.get(name, -1)}
 
-    def carried_after(self, i: int) -> set[str]:
-        """The tensors alive after node i whose next use lies beyond the next CARRIED_AFTER_LAYERS
-        weighted layers."""
+    def carried(self, alive: set[str], i: int) -> set[str]:
+        """Those of `alive` (the tensors alive after node i) whose next use lies beyond the next
+        CARRIED_AFTER_LAYERS weighted layers."""
         later = [k for k in self.weighted if k > i]
         horizon = later[CARRIED_AFTER_LAYERS - 1] if len(later) >= CARRIED_AFTER_LAYERS else math.inf
-        return {name for name in self.alive_after(i) if min(k for k in self.uses[name] if k > i) > horizon}
+        return {name for name in alive if min(k for k in self.uses[name] if k > i) > horizon}
 
 
 def split_large_segment(segment: Segment, nodes: list[onnx.NodeProto], lifetimes: Lifetimes,
@@ -173,7 +173,7 @@ def split_large_segment(segment: Segment, nodes: list[onnx.NodeProto], lifetimes
     pieces, start = [], 0
     for offset in range(len(segment.nodes) - 1):
         alive = lifetimes.alive_after(first + offset)
-        if len(alive) <= MAX_CUT_TENSORS and len(alive - lifetimes.carried_after(first + offset)) == 1:
+        if len(alive) <= MAX_CUT_TENSORS and len(alive - lifetimes.carried(alive, first + offset)) == 1:
             pieces.append(make_segment(segment.nodes[start:offset + 1], constants))
             start = offset + 1
     pieces.append(make_segment(segment.nodes[start:], constants))

@@ -196,12 +196,17 @@ def check_channels(color: str, channels: int | None, where: str) -> None:
                         f"input has {channels}")
 
 
+def missing_input_size(input_shape: Sequence[Any]) -> UserError:
+    """The error for a model whose image size is dynamic when no --input-size gives it."""
+    return UserError(f"the model input {list(input_shape)} has a dynamic image size: pass --input-size")
+
+
 def check_input_size(size: tuple[int, int] | None, spatial: list[int | None],
                      input_shape: Sequence[Any]) -> tuple[int, int]:
     fixed = tuple(spatial) if None not in spatial else None
     if size is None:
         if fixed is None:
-            raise UserError(f"the model input {list(input_shape)} has a dynamic image size: pass --input-size")
+            raise missing_input_size(input_shape)
         return fixed
     if fixed is not None and size != fixed:
         raise UserError(f"--input-size {size[0]}x{size[1]} does not match the model's fixed input "

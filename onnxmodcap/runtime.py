@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # A TensorRT-target model keeps full-range int8 weights. ONNX Runtime's CPU int8 kernels on x86
 # without VNNI saturate on those (plan.weight_grid), so such a model runs with its Q/DQ as written:
@@ -109,4 +109,4 @@ def check_input_accepted(model: str, inputs: np.ndarray) -> None:
         session.run(None, {session.get_inputs()[0].name: inputs})
     except Exception as err:  # onnxruntime raises its own exception types per failure kind
         raise UserError(f"the model does not run on input {list(inputs.shape[1:])} (--input-size): "
-                        f"{str(err).strip().splitlines()[0]}") from None
+                        f"{first_line(err)}") from None

@@ -238,10 +238,10 @@ def check_parity(session, mirror: NetworkMirror, inputs: np.ndarray, names: list
     with other_convolution_order(device):
         reordered_outputs = simulated_outputs(mirror, batches, device)
     outputs, exact = [], np.ones(len(inputs), bool)
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     for name, kind, ort_out, perturbed, sim, reordered in zip(names, kinds, ort_outputs, perturbed_outputs,
                                                               sim_outputs, reordered_outputs):
         scale = float(sim.max() - sim.min()) or 1.0
-        flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
         per_image = np.abs(flat(ort_out) - flat(sim)).max(axis=1)
         exact &= per_image <= PARITY_TOLERANCE * scale
         classes = kind != "tensor"
