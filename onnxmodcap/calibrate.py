@@ -108,8 +108,10 @@ class ActivationStats:
         self.samples: list[torch.Tensor] = []
         self.generator = generator
         self.per_batch = per_batch
+        self.elements_per_image = 0
 
     def add(self, value: torch.Tensor) -> None:
+        self.elements_per_image = value[0].numel() if value.dim() else 1
         flat = value.detach().reshape(-1).float()
         self.low = min(self.low, float(flat.min()))
         self.high = max(self.high, float(flat.max()))

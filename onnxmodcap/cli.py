@@ -173,9 +173,10 @@ def format_evaluation(result) -> str:
 @click.option("--dc-lambda", type=float,
               help="pdquant: lambda_c of distribution correction (default 0.02, or 0.005 with depthwise convolutions).")
 @click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction (ModCap groups never get it).")
-@click.option("--preset", type=click.Choice(["auto", "paper", "fast"]), default="auto", show_default=True,
-              help="Reconstruction settings: paper (the published 20k iterations per unit), fast (1k), or auto "
-                   "(paper with --device cuda, else fast).")
+@click.option("--preset", type=click.Choice(["auto", "paper", "fast", "quick"]), default="auto", show_default=True,
+              help="Reconstruction settings: paper (the published 20k iterations per unit), fast (1k), quick (200), "
+                   "or auto (paper with --device cuda; on a CPU fast, or quick for large activations such as "
+                   "224x224 inputs).")
 @click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
@@ -225,6 +226,8 @@ def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize
                    err=True)
     click.echo(f"wrote {result.output}")
     click.echo(result.validation.summary())
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.report["stage_seconds"].items())
+    click.echo(f"time: {stages} (total {result.report['seconds']:.0f} s)")
 
 
 @main.command()

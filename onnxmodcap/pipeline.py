@@ -11,12 +11,13 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .allocator import retained_memory
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
 from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
@@ -35,7 +36,7 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_IMAGES, PREDICTION_OBJECTIVES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings,
+    LOSS_IMAGES, PAPER_ITERS, PREDICTION_OBJECTIVES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings,
     batchnorm_targets, method_defaults, network_defaults, prediction_objective, reconstruct, results_to_dicts,
     unit_errors,
 )
@@ -55,7 +56,7 @@ class QuantizeConfig:
     wbits: int | None = None
     abits: int | None = None
     method: str = DEFAULT_METHOD
-    preset: str = "auto"  # reconstruction settings: "paper" (published), "fast", or "auto" (paper on CUDA, else fast)
+    preset: str = "auto"  # reconstruction settings: a key of reconstruct.PRESETS, or "auto" (see `resolve_preset`)
     iters: int | None = None  # reconstruction iterations per unit (overrides the preset)
     work_dir: str | None = None  # checkpoints; default .<output name>.work beside the output
     cache_mem: float = 4.0  # GiB of cached unit inputs/outputs kept in memory; the rest spills to work_dir
@@ -84,14 +85,6 @@ class QuantizeConfig:
     dc_lambda: float | None = None
     dc: bool = True
     preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
-
-    @property
-    def resolved_preset(self) -> str:
-        """`auto` is the published recipe on a GPU and the fast one on a CPU, where 20 000 iterations
-        per unit take hours even for a small network."""
-        if self.preset != "auto":
-            return self.preset
-        return "paper" if self.device.startswith("cuda") else "fast"
 
     @property
     def granularity(self) -> str:
@@ -130,7 +123,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     output = output_path(model_path, config)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    with exact_float32(device):
+    with exact_float32(device), retained_memory():
         return run_on(device, model_path, calib_path, config, output, started)
 
 
@@ -157,9 +150,23 @@ def exact_float32(device: torch.device):
         torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
 
 
+@contextmanager
+def timed(stages: dict[str, float], name: str):
+    """Add the wall time of the block to stages[name], in seconds."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        stages[name] = round(stages.get(name, 0.0) + time.monotonic() - started, 2)
+
+
 def run_on(device: torch.device, model_path: Path, calib_path: Path, config: QuantizeConfig, output: Path,
            started: float) -> QuantizeResult:
-    sim = simulate(model_path, calib_path, config, device)
+    stages: dict[str, float] = {}
+    with timed(stages, "calibration"):
+        sim = simulate(model_path, calib_path, config, device)
+    if config.method != "rtn":
+        config = replace(config, preset=resolve_preset(config, sim.activation_elements))
     prepared, units, plan, mirror, quantizers, data = (sim.prepared, sim.units, sim.plan, sim.mirror,
                                                        sim.quantizers, sim.data)
     reconstruction: dict = {}
@@ -175,7 +182,8 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
             raise UserError(f"cannot create the work folder {checkpointer.folder}: {err.strerror}") from None
         resume_hint = f"finished units are checkpointed in {checkpointer.folder}: run the same command with --resume"
         try:
-            reconstruction, mirror = reconstruct_all(sim, config, device, checkpointer)
+            with timed(stages, "reconstruction"):
+                reconstruction, mirror = reconstruct_all(sim, config, device, checkpointer)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; {resume_hint} to continue") from None
         except UserError as err:
@@ -184,14 +192,16 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
             raise RunFailed(f"reconstruction failed ({type(err).__name__}: {first_line(err)}); {resume_hint} "
                             "to continue") from err
 
-    exported, weights = export_qdq(prepared, mirror, quantizers, config.format, config.target, {
-        "method": config.method, "preset": config.resolved_preset, "iters": config.iters, "wbits": config.weight_bits,
-        "abits": config.activation_bits, "modcap": config.granularity, "init": config.init, "calibration_images": len(data.inputs),
-        "seed": config.seed,
-    }, dynamic_batch=config.dynamic_batch)
+    with timed(stages, "export"):
+        exported, weights = export_qdq(prepared, mirror, quantizers, config.format, config.target, {
+            "method": config.method, "preset": config.preset, "iters": config.iters,
+            "wbits": config.weight_bits, "abits": config.activation_bits, "modcap": config.granularity,
+            "init": config.init, "calibration_images": len(data.inputs), "seed": config.seed,
+        }, dynamic_batch=config.dynamic_batch)
     with stage_model(exported, weights, output, external_data=prepared.external_data) as staged:
-        validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out, device,
-                              config.provider)
+        with timed(stages, "validation"):
+            validation = validate(str(staged.path), str(model_path), mirror, data.parity, data.parity_held_out,
+                                  device, config.provider)
         require_parity(validation)
         staged.commit()
     if checkpointer:
@@ -202,7 +212,7 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
         "units": [u.to_dict() for u in units], "plan": plan.to_dict(),
         "calibration": {"images": len(data.inputs), "skipped": data.skipped},
         **reconstruction,
-        "validation": validation.to_dict(), "seconds": round(time.monotonic() - started, 2),
+        "validation": validation.to_dict(), "seconds": round(time.monotonic() - started, 2), "stage_seconds": stages,
     }
     if config.report:
         write_atomically(Path(config.report), json.dumps(report, indent=2).encode())
@@ -224,6 +234,7 @@ class Simulation:
     quantizers: QuantizerSet
     data: CalibrationData
     preprocessing: Preprocessing
+    activation_elements: int  # quantized activation values per image
 
 
 def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device: torch.device) -> Simulation:
@@ -245,7 +256,8 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     quantizers = build_quantizers(mirror, plan, stats, config.init)
     mirror.attach(quantizers)
     mirror.to(device)
-    return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing)
+    return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing,
+                      sum(s.elements_per_image for s in stats.values()))
 
 
 def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.device,
@@ -276,10 +288,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
             cache_budget=int(config.cache_mem * (1 << 30)), checkpointer=saving, resume=resume,
             prediction=prediction))
 
-    report: dict = {"reconstruction_settings": {"preset": config.resolved_preset, **asdict(settings)}}
-    if config.preset == "auto":
-        tqdm.write(f"note: --preset auto chose {config.resolved_preset} on {config.device}: {settings.iters} "
-                   "iterations per unit", file=sys.stderr)
+    report: dict = {"reconstruction_settings": {"preset": config.preset, **asdict(settings)}}
     if config.method == "pdquant":
         report["distribution_correction"] = distribution_correction(sim.prepared, settings)
         tqdm.write(f"note: distribution correction {report['distribution_correction']}", file=sys.stderr)
@@ -337,8 +346,30 @@ def result_affecting(config: QuantizeConfig) -> dict:
     return {key: value for key, value in asdict(config).items() if key not in ignored}
 
 
+# Quantized activation values per image above which `--preset auto` on a CPU takes the quick preset:
+# the shipped 28x28 networks have 0.1-0.3 million, a 224x224 ImageNet network 10-20 million, where
+# the fast preset's 1 000 iterations per unit take about an hour on 2 cores (benchmarks_reconstruct.md).
+LARGE_ACTIVATIONS = 1_000_000
+
+
+def resolve_preset(config: QuantizeConfig, activation_elements: int) -> str:
+    """`auto` is the published recipe on a GPU. On a CPU, where 20 000 iterations per unit take
+    hours even for a small network, it is the fast preset, or the quick one for a network whose
+    activations are large; the note says which and why."""
+    if config.preset != "auto":
+        return config.preset
+    if config.device.startswith("cuda"):
+        preset, reason = "paper", config.device
+    else:
+        preset = "quick" if activation_elements > LARGE_ACTIVATIONS else "fast"
+        reason = f"cpu, {activation_elements / 1e6:.1f} million activation values per image"
+    iters = config.iters or PRESETS[preset].get("iters", PAPER_ITERS)
+    tqdm.write(f"note: --preset auto chose {preset} ({reason}): {iters} iterations per unit", file=sys.stderr)
+    return preset
+
+
 def reconstruction_settings(config: QuantizeConfig, model) -> ReconstructionSettings:
-    chosen = {**method_defaults(config.method), **PRESETS[config.resolved_preset], "method": config.method,
+    chosen = {**method_defaults(config.method), **PRESETS[config.preset], "method": config.method,
               "batch_size": config.batch_size, "dc": config.dc, **network_defaults(has_depthwise_conv(model))}
     given = {"iters": config.iters, "round_lambda": config.round_lambda, "weight_lr": config.round_lr,
              "pd_temperature": config.pd_temperature, "pd_lambda": config.pd_lambda, "dc_lambda": config.dc_lambda}

@@ -123,14 +123,18 @@ class RoundingLoss(torch.autograd.Function):
 
 
 def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """1.0 with probability `keep_prob` (in steps of 1/256), else 0.0, for each element of `like`.
-    Random bytes, eight per 64-bit draw of torch's generator: torch.rand_like draws once per
-    element and was the largest single cost of a QDrop iteration."""
+    """True with probability `keep_prob` (in steps of 1/256), for each element of `like`. Random
+    bytes, eight per 64-bit draw of torch's generator: torch.rand_like draws once per element and
+    was the largest single cost of a QDrop iteration."""
     count = like.numel()
     draws = torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), dtype=torch.int64, device=like.device)
     threshold = min(255, max(1, round(keep_prob * 256)))
-    random_bytes = draws.view(torch.uint8)[:count].view(like.shape).to(like.dtype)
-    return random_bytes.neg_().add_(threshold).clamp_(0, 1)  # 1 where byte < threshold (integers)
+    random_bytes = draws.view(torch.uint8)[:count]
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        # in the layout of `like`: an elementwise op over tensors of two layouts is several times slower
+        n, c, h, w = like.shape
+        return random_bytes.view(n, h, w, c).permute(0, 3, 1, 2) < threshold
+    return random_bytes.view(like.shape) < threshold
 
 
 class StraightThroughQuantize(torch.autograd.Function):
@@ -138,38 +142,43 @@ class StraightThroughQuantize(torch.autograd.Function):
     folded in, as one autograd node. Straight-through rounding: d out/d x is 1 inside the grid and 0
     where clamped. When the scale is learned (LSQ), d out/d scale is round(v) - v inside and
     x_int - z where clamped (v = x / scale), times `gradient_scale`; a fixed scale costs no gradient
-    work. Where `keep` (a 0/1 tensor shaped like x, or None: keep all) is 0 the element is dropped
-    and passes x through. (torch.lerp with weight exactly 0 or 1 returns one of its ends exactly,
-    and is the fastest blend.)"""
+    work. Where `keep` (a boolean tensor shaped like x, or None: keep all) is False the element is
+    dropped and passes x through.
+
+    At real resolution these tensors are tens of MB and every pass over them is memory-bound, so
+    the forward pass makes five float passes (divide, round, clamp, scale, blend) and keeps its
+    masks as booleans, a quarter of the memory of a float mask. (torch.lerp with a weight exactly 0
+    or 1 returns one of its ends exactly, and is the fastest blend: torch.where with a boolean
+    condition takes three times as long on CPU.)"""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, grid: Grid, gradient_scale: float, keep: torch.Tensor | None):
         scaled = x / scale
-        shifted = torch.round(scaled).add_(zero_point)
-        clamped = shifted.clamp(grid.qmin, grid.qmax)
-        blocked = shifted.sub_(clamped).abs_().clamp_(max=1)  # integers: 1 where the grid clamps
-        centred = clamped.sub_(zero_point)
-        quantized = centred * scale
+        rounded = torch.round(scaled)
+        centred = rounded.clamp(grid.qmin - zero_point, grid.qmax - zero_point)  # x_int - z
+        passes = centred == rounded  # inside the grid
         scale_slope = None
         if ctx.needs_input_grad[1]:
-            scale_slope = centred.sub_(scaled.addcmul_(scaled, blocked, value=-1))  # inside the grid: round(v) - v
+            scale_slope = centred - scaled.mul_(passes)  # inside the grid: round(v) - v
+        quantized = centred.mul_(scale)
         if keep is not None:
-            quantized = torch.lerp(x, quantized, keep)
-            blocked.mul_(keep)
+            keep_weight = keep.to(x.dtype)
+            quantized = torch.lerp(x, quantized, keep_weight)
+            passes.logical_or_(keep.logical_not())
             if scale_slope is not None:
-                scale_slope.mul_(keep)
-        ctx.save_for_backward(blocked, scale_slope)
+                scale_slope.mul_(keep_weight)
+        ctx.save_for_backward(passes, scale_slope)
         ctx.gradient_scale = gradient_scale
         return quantized
 
     @staticmethod
     def backward(ctx, grad):
-        blocked, scale_slope = ctx.saved_tensors
+        passes, scale_slope = ctx.saved_tensors
         grad_scale = None
         if scale_slope is not None:
             grad_scale = grad.reshape(-1).dot(scale_slope.reshape(-1)) * ctx.gradient_scale  # one pass, no product tensor
         # A unit's input quantizer reads cached data, which needs no gradient.
-        grad_x = torch.addcmul(grad, grad, blocked, value=-1) if ctx.needs_input_grad[0] else None
+        grad_x = grad * passes if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, None, None, None, None
 
 
@@ -181,7 +190,7 @@ class Quantizer(nn.Module):
       the weights before the quantizer learn; `scale` gets LSQ's scaled gradient where it requires one;
     - `alpha` (weights): AdaRound's rounding variables; soft (`soft_rounding`) until `harden()`;
     - `drop_prob` (with `straight_through`): QDrop, each element takes its float value with this probability;
-      `shared_keep`, when set, is the 0/1 mask to use instead of a fresh random one (see
+      `shared_keep`, when set, is the boolean mask to use instead of a fresh random one (see
       `reconstruct.input_drop_masks`);
     - `enabled` False: the identity (the float model).
     """
@@ -218,7 +227,7 @@ class Quantizer(nn.Module):
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale
 
     def kept_elements(self, x: torch.Tensor) -> torch.Tensor | None:
-        """QDrop's 0/1 mask of the elements that stay quantized in this forward, None without drop."""
+        """QDrop's mask of the elements that stay quantized in this forward (True), None without drop."""
         if not self.drop_prob:
             return None
         return self.shared_keep if self.shared_keep is not None else keep_mask(x, 1.0 - self.drop_prob)

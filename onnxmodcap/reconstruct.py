@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -51,6 +51,7 @@ DEFAULT_CACHE_BYTES = 4 << 30
 CORRECTION_BATCH = 256  # images whose inputs distribution correction optimises at once (each on its own)
 PAPER_ITERS, PAPER_WEIGHT_LR, PAPER_CORRECTION_STEPS, PAPER_CORRECTION_LR = 20000, 1e-3, 500, 1e-3
 FAST_ITERS = 1000
+QUICK_ITERS = 200
 # Part of every checkpoint's fingerprint: a checkpoint written by reconstruction code that trains
 # differently (another version) is discarded instead of resumed. Raise it with such a change.
 RECONSTRUCTION_VERSION = "2"
@@ -108,6 +109,10 @@ PRESETS = {
     # the rounding variables' learning rate, raised so that iterations x rate stays as published
     # (20 000 x 1e-3): at 1e-3, 1 000 iterations leave the rounding far from settled.
     "fast": {"iters": FAST_ITERS, "weight_lr": PAPER_WEIGHT_LR * PAPER_ITERS / FAST_ITERS, "pd_batch_size": 8, "pd_interval": 4},
+    # For a CPU and real resolution, where the fast preset takes about an hour for a 224x224
+    # network on 2 cores: benchmarks_reconstruct.md for the time and the fidelity it keeps.
+    "quick": {"iters": QUICK_ITERS, "weight_lr": PAPER_WEIGHT_LR * PAPER_ITERS / QUICK_ITERS, "pd_batch_size": 8,
+              "pd_interval": 4},
 }
 
 
@@ -154,7 +159,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         predicted = None
         if settings.method == "pdquant":
             predicted = float_predictions(prediction, inputs, cache, device)
-        with tqdm(total=len(mirror.units), initial=len(results), desc="reconstructing", unit="unit") as overall:
+        costs = [cost * settings.iters for cost in step_costs(mirror, inputs[:settings.batch_size], settings, device)]
+        with tqdm(total=sum(costs), initial=sum(costs[:len(results)]), desc="reconstructing",
+                  bar_format=OVERALL_BAR) as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
                 float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
@@ -166,15 +173,63 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                     if predicted is not None:
                         data = prediction_data(data, prediction, index, float_stream, predicted, settings, device,
                                                cache)
-                    results.append(reconstruct_unit(unit, data, settings, device, generator))
+                    results.append(reconstruct_unit(unit, data, settings, device, generator,
+                                                    lambda: overall.update(costs[index] / settings.iters)))
                     for cached in data.temporary:
                         cache.release(cached)
                     if checkpointer:
                         checkpointer.save(index + 1, quantizers, results_to_dicts(results), generator, device)
-                    overall.update(1)
-                    overall.set_postfix(unit=unit.unit.name, loss=f"{results[-1].loss_after:.4g}")
+                    overall.set_postfix(done=f"{index + 1}/{len(mirror.units)} units", loss=f"{results[-1].loss_after:.4g}")
                 quantized_stream.advance(index, unit, quantized=True, device=device)
     return results
+
+
+# The overall bar measures work in predicted seconds (`step_costs`), so its share and time left
+# weigh each unit by its cost: at 224x224 the first units cost ten times the last ones.
+OVERALL_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+
+
+def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings,
+               device: torch.device) -> list[float]:
+    """Seconds of one training step of each unit: forward and backward on `inputs` carried through the
+    float network, with every activation quantizer rounding straight-through and dropping as in
+    reconstruction (the second of two steps, the first warms up). The random state is left as it was."""
+    env = {mirror.input_names[0]: image_layout(torch.from_numpy(inputs).to(device))}
+    costs = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for index, unit in enumerate(mirror.units):
+            batch = [env[name] for name in unit.unit.inputs]
+            costs.append(training_step_seconds(unit, batch, drop_probability(settings, unit), device))
+            unit.set_quantization(False)
+            with torch.no_grad():
+                env.update(zip(unit.unit.outputs, as_tuple(unit(*batch))))
+            unit.set_quantization(True)
+            later = {name for mirror_unit in mirror.units[index + 1:] for name in mirror_unit.unit.inputs}
+            env = {name: tensor for name, tensor in env.items() if name in later}
+    return costs
+
+
+def training_step_seconds(unit: UnitMirror, batch: list[torch.Tensor], drop_prob: float, device: torch.device) -> float:
+    activations = list(unit.activation_quantizers.values())
+    weights = [weight for weight, _ in unit.quantized_weights()]
+    for quantizer in activations:
+        quantizer.straight_through, quantizer.drop_prob = True, drop_prob
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        for _ in range(2):
+            started = time.perf_counter()
+            sum(output.square().mean() for output in as_tuple(unit(*batch))).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+    finally:
+        for quantizer in activations:
+            quantizer.straight_through, quantizer.drop_prob = False, 0.0
+        for weight in weights:
+            weight.requires_grad_(False)
+            weight.grad = None
+    return seconds
 
 
 PREDICTION_OBJECTIVES = {
@@ -259,8 +314,8 @@ class FloatRest:
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], picks: torch.Tensor) -> dict[str, torch.Tensor]:
         """The graph outputs that the unit's outputs reach, by name."""
-        env = dict(zip(self.others, channels_last([t[picks].to(self.device) for t in self.others.values()])))
-        env.update(zip(self.outputs, channels_last(outputs)))
+        env = {name: image_layout(t[picks].to(self.device)) for name, t in self.others.items()}
+        env.update(zip(self.outputs, map(image_layout, outputs)))
         for unit in self.units:
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
         return {name: env[name] for name in self.reached}
@@ -378,7 +433,8 @@ def prediction_difference(outputs: dict[str, torch.Tensor], float_outputs: dict[
 
 class CachedTensor:
     """A tensor of all calibration images, in memory or memory-mapped from a .npy file; indexing
-    with a slice or an index tensor gives a torch tensor."""
+    with a slice or an index tensor gives a torch tensor, channels-last where it is image-shaped
+    (see `image_layout`)."""
 
     def __init__(self, data: torch.Tensor | np.ndarray, path: Path | None = None):
         self.data = data
@@ -389,11 +445,27 @@ class CachedTensor:
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(self.data, torch.Tensor):
-            # index_select takes a third of the time of advanced indexing for a batch of rows (2.8
-            # against 7.4 µs on 1024x512, 10.3 against 30.0 µs on 1024x64x7x7, one thread)
-            return torch.index_select(self.data, 0, index) if isinstance(index, torch.Tensor) else self.data[index]
+            return gather_rows(self.data, index) if isinstance(index, torch.Tensor) else self.data[index]
         rows = index.numpy() if isinstance(index, torch.Tensor) else index
-        return torch.from_numpy(np.array(self.data[rows]))  # a writable copy of the mapped rows
+        return image_layout(torch.from_numpy(np.array(self.data[rows])))  # a writable copy of the mapped rows
+
+
+def image_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """Image-shaped (4-D) tensors in channels-last memory layout, the same values. At real
+    resolution oneDNN runs a convolution's forward and backward about 3x faster in it: 32 images of
+    32 channels at 120x120, a depthwise 3x3 91 ms against 265 ms, a pointwise one 60 against 198
+    (2 threads, benchmarks_reconstruct.md)."""
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
+def gather_rows(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `data`, keeping a channels-last layout (index_select itself returns a
+    contiguous tensor, transposing every row). index_select takes a third of the time of advanced
+    indexing for a batch of rows (2.8 against 7.4 µs on 1024x512, 10.3 against 30.0 µs on
+    1024x64x7x7, one thread)."""
+    if data.dim() == 4 and data.is_contiguous(memory_format=torch.channels_last):
+        return torch.index_select(data.permute(0, 2, 3, 1), 0, index).permute(0, 3, 1, 2)
+    return torch.index_select(data, 0, index)
 
 
 class TensorCache:
@@ -435,7 +507,8 @@ class TensorCache:
         size = math.prod(shape) * 4  # float32
         if self.used + size <= self.budget:
             self.used += size
-            return CachedTensor(torch.empty(shape))
+            memory_format = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+            return CachedTensor(torch.empty(shape, memory_format=memory_format))
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.folder / f"{self.files}.npy"
         self.files += 1
@@ -482,15 +555,6 @@ def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.d
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))
             yield tuple(r.cpu() for r in as_tuple(result))
-
-
-def channels_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Image-shaped (4-D) tensors in channels-last memory layout, the same values. The few images
-    PD-Quant carries through the rest of the network go forward and backward through many small
-    convolutions, which oneDNN runs faster in this layout: a whole PD-Quant iteration takes 0.72-0.73x
-    the time (benchmarks_modcap.md, round 3). A unit's own batch of 32 runs no faster in it, and
-    distribution correction's 256 images run slower (round 6), so only the rest takes it."""
-    return [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
 
 
 def output_error(outputs, targets) -> torch.Tensor:
@@ -605,7 +669,8 @@ def drop_probability(settings: ReconstructionSettings, unit: UnitMirror) -> floa
 
 
 def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
-                     generator: torch.Generator) -> UnitResult:
+                     generator: torch.Generator, stepped: Callable[[], None] = lambda: None) -> UnitResult:
+    """Train the unit for settings.iters steps, calling `stepped` after each."""
     started = time.monotonic()
     loss_before = measure_loss(unit, data.quantized_inputs, data.reference_outputs, device)
     training = start_training(unit, settings)
@@ -615,6 +680,7 @@ def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionS
             predicts = data.rest is not None and step % settings.pd_interval == 0
             loss = training_loss(unit, data, settings, device, generator, training.weights, beta, predicts)
             training.step(loss)
+            stepped()
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4g}")
     training.finish()
@@ -640,7 +706,8 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     batch, keeps = quantized, [None] * len(quantized)
     if settings.drops:
         keeps = [keep_mask(q, 1.0 - drop_probability(settings, unit)) for q in quantized]
-        batch = [torch.lerp(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
+        batch = [torch.lerp(t[picks].to(device), q, keep.to(q.dtype))
+                 for q, t, keep in zip(quantized, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]
     if len(carried):
@@ -664,7 +731,7 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
 def input_drop_masks(unit: UnitMirror, keeps: list[torch.Tensor | None]):
     """QDrop at the unit's input, as published: an element is either the quantized value of the
     quantized model's input or the float model's input. The input arrives already mixed (`keeps` is
-    1 where it took the quantized model's value), so each input's quantizer must quantize exactly
+    True where it took the quantized model's value), so each input's quantizer must quantize exactly
     those elements; with a mask of its own it would also pass unquantized quantized-model values and
     quantize float-model ones."""
     shared = [(quantizer, keep) for quantizer, keep in zip(unit.input_quantizers(), keeps) if quantizer is not None]

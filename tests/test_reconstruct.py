@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import stat
@@ -21,7 +22,7 @@ import torch
 import onnxmodcap
 from onnxmodcap import pipeline
 from onnxmodcap.reconstruct import (CachedTensor, ReconstructionSettings, UnitData, measure_loss, output_error,
-                                    start_training, training_loss)
+                                    start_training, step_costs, training_loss)
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -56,15 +57,26 @@ def test_default_preset_is_the_fast_one_on_a_cpu_and_says_so(resnet, calib, tmp_
                            "-o", str(tmp_path / "q.onnx"), "--report", str(report)],
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stderr
-    assert "note: --preset auto chose fast on cpu: 3 iterations per unit" in done.stderr.splitlines()
+    [note] = [line for line in done.stderr.splitlines() if line.startswith("note: --preset auto")]
+    assert re.fullmatch(r"note: --preset auto chose fast \(cpu, 0\.\d million activation values per image\): "
+                        r"3 iterations per unit", note), note
+    [timing] = [line for line in done.stdout.splitlines() if line.startswith("time: ")]
+    assert [part.split()[0] for part in timing[len("time: "):].split(" (total")[0].split(", ")] == [
+        "calibration", "reconstruction", "export", "validation"]
     settings = json.loads(report.read_text())["reconstruction_settings"]
     assert (settings["preset"], settings["iters"], settings["pd_batch_size"], settings["weight_lr"]) == ("fast", 3, 8, 0.02)
 
 
+@pytest.mark.parametrize("device, elements, preset", [
+    ("cpu", 250_000, "fast"), ("cpu", 12_000_000, "quick"), ("cuda", 12_000_000, "paper")])
+def test_auto_preset_is_paper_on_cuda_and_quick_on_a_cpu_for_large_activations(device, elements, preset):
+    assert pipeline.resolve_preset(pipeline.QuantizeConfig(device=device), elements) == preset
+
+
 @pytest.mark.parametrize("method, preset, weight_lr", [
     ("brecq", "paper", 1e-3), ("qdrop", "paper", 1e-3), ("pdquant", "paper", 3e-3),
-    ("brecq", "fast", 2e-2), ("qdrop", "fast", 2e-2), ("pdquant", "fast", 2e-2)])
-def test_rounding_learning_rate_is_the_published_one_and_twenty_times_it_at_the_fast_preset(
+    ("brecq", "fast", 2e-2), ("qdrop", "fast", 2e-2), ("pdquant", "fast", 2e-2), ("qdrop", "quick", 0.1)])
+def test_rounding_learning_rate_is_the_published_one_scaled_so_iterations_times_rate_stays_as_published(
         resnet, method, preset, weight_lr):
     config = pipeline.QuantizeConfig(method=method, preset=preset)
     assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == weight_lr
@@ -74,6 +86,19 @@ def test_rounding_learning_rate_is_the_published_one_and_twenty_times_it_at_the_
 def test_round_lr_overrides_the_preset_and_method_rate(resnet, preset):
     config = pipeline.QuantizeConfig(method="pdquant", preset=preset, round_lr=5e-3)
     assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == 5e-3
+
+
+def test_step_costs_time_every_unit_and_leave_quantizers_weights_and_random_state_as_they_were(resnet, calib, device):
+    sim = pipeline.simulate(Path(resnet), Path(calib), pipeline.QuantizeConfig(num_calib=64), torch.device(device))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    costs = step_costs(sim.mirror, sim.data.inputs[:32], ReconstructionSettings(), torch.device(device))
+    assert torch.equal(torch.rand(3), expected)
+    assert len(costs) == len(sim.mirror.units) and all(cost > 0 for cost in costs)
+    for unit in sim.mirror.units:
+        assert all(not q.straight_through and q.drop_prob == 0 for q in unit.activation_quantizers.values())
+        assert all(not weight.requires_grad and weight.grad is None for weight, _ in unit.quantized_weights())
 
 
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path, device):

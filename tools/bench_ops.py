@@ -1,14 +1,21 @@
-"""Costs of the elementwise torch operations that shaped the fused reconstruction nodes in
-`onnxmodcap/quantizers.py` (one thread; mean of 300 calls after 5 warm-up calls):
+"""Costs of the torch operations that shaped the reconstruction step (one thread; mean of 300 calls
+after 5 warm-up calls):
 
-    OMP_NUM_THREADS=1 python tools/bench_ops.py
+    OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: BENCHMARKS.md, "Reconstruction iteration cost"
+    OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: benchmarks_reconstruct.md
 
-Figures and their reading: BENCHMARKS.md, "Reconstruction iteration cost".
+--real times forward + backward at the sizes of EfficientNet-Lite1's first blocks (batch 32, 240x240
+input): convolutions in NCHW against channels-last, and the ways to write a ReLU6 Clip, with freed
+memory kept in the process (`onnxmodcap.allocator.retained_memory`) and without.
 """
 
+import sys
 import time
+from contextlib import nullcontext
 
 import torch
+
+from onnxmodcap.allocator import retained_memory
 
 torch.set_num_threads(1)
 
@@ -22,6 +29,32 @@ def ms(action, calls=300):
         action()
     return (time.perf_counter() - started) / calls * 1e3
 
+
+def real_resolution() -> None:
+    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+    convolutions = {"depthwise 3x3, 32 channels at 120x120": (32, 120, torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)),
+                    "pointwise 32 -> 16 at 120x120": (32, 120, torch.nn.Conv2d(32, 16, 1))}
+    for kept in (False, True):
+        with retained_memory() if kept else nullcontext():
+            print(f"freed memory {'kept' if kept else 'returned to the kernel (glibc as it is)'}:")
+            for name, (channels, size, conv) in convolutions.items():
+                for layout_name, layout in layouts.items():
+                    x = torch.randn(32, channels, size, size).contiguous(memory_format=layout).requires_grad_(True)
+                    layer = conv.to(memory_format=layout)
+                    print(f"  {name}, {layout_name}: {ms(lambda: layer(x).sum().backward(), 5):.1f} ms forward + backward")
+            x = torch.randn(32, 96, 60, 60, requires_grad=True)
+            grad = torch.randn_like(x)
+            low, high = torch.tensor(0.0), torch.tensor(6.0)
+            clips = {"maximum + minimum": lambda: torch.minimum(torch.maximum(x, low), high).backward(grad),
+                     "clamp": lambda: torch.clamp(x, low, high).backward(grad),
+                     "hardtanh": lambda: torch.nn.functional.hardtanh(x, 0.0, 6.0).backward(grad)}
+            for name, clip in clips.items():
+                print(f"  ReLU6 at 32x96x60x60 as {name}: {ms(clip, 5):.1f} ms forward + backward")
+
+
+if "--real" in sys.argv:
+    real_resolution()
+    sys.exit()
 
 small = torch.randn(32, 16, 14, 14)  # 100k values
 large = torch.randn(32, 32, 14, 14)  # 200k values

@@ -17,7 +17,10 @@ must have the machine to themselves.
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
 (rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `/minmax` (--init)
-and `@300` (--iters), in that order; or ort-minmax / ort-percentile.
+and `@300` (--iters), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
+aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
+in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
+$ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ MODELS = {
                              batch_size=4, images=48),
 }
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+AIMET_PYTHON = os.environ.get("ONNXMODCAP_AIMET_PYTHON", "/tmp/peers/aimet/bin/python")
 
 
 def model_tensors(name: str, models: Path, out: Path) -> None:
@@ -99,6 +103,12 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
         return [sys.executable, __file__, "ort", "--model", str(source), "--calib", str(calib), "--output", str(output),
                 "--method", quantizer[4:], "--wbits", str(wbits), "--abits", str(abits), "--count", str(spec.images)]
     method, _, iters = quantizer.partition("@")
+    if method == "aimet-adaround":  # the peer's own interpreter: AIMET is no dependency of onnxmodcap
+        command = [AIMET_PYTHON, str(Path(__file__).with_name("peer_aimet.py")), "--model", str(source), "--calib",
+                   str(calib), "--output", str(output), "--wbits", str(wbits), "--abits", str(abits),
+                   "--count", str(spec.images), "--batch-size", str(spec.batch_size),
+                   "--report", str(output.with_suffix(".json"))]
+        return command + (["--iters", iters] if iters else [])
     method, _, init = method.partition("/")
     method, _, target = method.partition("+")
     command = [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(source), "--calib", str(calib), "-o", str(output),

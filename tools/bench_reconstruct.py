@@ -1,6 +1,6 @@
 """Cost of one reconstruction iteration per unit, against one float forward+backward of the same unit.
 
-    python tools/bench_reconstruct.py models/resnet18.onnx --calib models/calib --bits 4 --method qdrop
+    python tools/bench_reconstruct.py models/resnet18.onnx --calib models/calib --wbits 4 --abits 8 --method qdrop
 
 For every unit, at the same batch size, it times (median of --steps after --warmup):
 - float: the unit without quantizers, forward, output-error loss, backward to the float weights;
@@ -14,28 +14,46 @@ The two take turns step by step. It prints a markdown table with the ratio itera
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from onnxmodcap.allocator import retained_memory
 from onnxmodcap.pipeline import QuantizeConfig, pdquant_inputs, simulate
 from onnxmodcap.reconstruct import (PRESETS, FloatRest, ReconstructionSettings, TensorCache, TensorStream, UnitData,
                                     float_predictions, output_error, start_training, training_loss)
 
 
-def median_ms(actions, steps: int, warmup: int) -> list[float]:
-    """Median wall time of each action; the actions take turns, so that a change in the machine's
-    speed during the measurement affects them alike."""
-    timings = [[] for _ in actions]
+@dataclass
+class Timing:
+    """One action's median wall time, and over all its timed runs the share of the process's CPU
+    time spent in the kernel and the minor page faults per second (getrusage counts every thread)."""
+
+    ms: float
+    kernel_share: float
+    faults_per_s: float
+
+
+def measure(actions, steps: int, warmup: int) -> list[Timing]:
+    """The actions take turns, so that a change in the machine's speed affects them alike."""
+    walls = [[] for _ in actions]
+    user, system, faults = [0.0] * len(actions), [0.0] * len(actions), [0] * len(actions)
     for step in range(warmup + steps):
-        for action, measured in zip(actions, timings):
-            started = time.perf_counter()
+        for index, action in enumerate(actions):
+            before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             action()
+            wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
             if step >= warmup:
-                measured.append((time.perf_counter() - started) * 1000)
-    return [statistics.median(measured) for measured in timings]
+                walls[index].append(wall)
+                user[index] += after.ru_utime - before.ru_utime
+                system[index] += after.ru_stime - before.ru_stime
+                faults[index] += after.ru_minflt - before.ru_minflt
+    return [Timing(statistics.median(w) * 1000, s / max(u + s, 1e-9), f / sum(w))
+            for w, u, s, f in zip(walls, user, system, faults)]
 
 
 def float_step(unit, batch, targets):
@@ -57,18 +75,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--bits", type=int, default=4, help="weights and activations, unless --wbits/--abits")
+    parser.add_argument("--wbits", type=int)
+    parser.add_argument("--abits", type=int)
     parser.add_argument("--method", choices=["brecq", "qdrop", "pdquant"], default="qdrop")
     parser.add_argument("--pd-batch-size", type=int, default=PRESETS["fast"]["pd_batch_size"],
                         help="pdquant: images carried to the logits (default: the fast preset's)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-calib", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--units", type=lambda text: text.split(","), help="only these units (comma-separated names)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the iteration of the N slowest units and print the operator tables")
+    parser.add_argument("--release-memory", action="store_true",
+                        help="leave glibc's malloc as it is (freed blocks go back to the kernel), as before retained_memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.release_memory:
+        run(args)
+    else:
+        with retained_memory():
+            run(args)
 
-    config = QuantizeConfig(bits=args.bits, method=args.method, batch_size=args.batch_size, num_calib=256)
+
+def run(args) -> None:
+
+    config = QuantizeConfig(bits=args.bits, wbits=args.wbits, abits=args.abits, method=args.method, batch_size=args.batch_size, num_calib=args.num_calib)
     cpu = torch.device("cpu")
     sim = simulate(args.model, args.calib, config, cpu)
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
@@ -78,14 +112,16 @@ def main() -> None:
     if args.method == "pdquant":
         prediction = pdquant_inputs(sim, sim.mirror, cpu, "kl")
         predicted = float_predictions(prediction, sim.data.inputs, cache, cpu)
-    print(f"{args.model.name}, W{args.bits}A{args.bits}, {args.method}, batch {args.batch_size}, "
+    print(f"{args.model.name}, W{config.weight_bits}A{config.activation_bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
-    print("| unit | float fwd+bwd (ms) | reconstruction iteration (ms) | ratio |")
-    print("|---|---|---|---|")
-    ratios = []
+    print("| unit | float fwd+bwd (ms) | iteration (ms) | ratio | kernel share | minor faults/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ratios, iterations = [], {}
     for index, unit in enumerate(sim.mirror.units):
         inputs = stream.inputs_of(unit)
         outputs = stream.advance(index, unit, quantized=False, device=cpu)
+        if args.units and unit.unit.name not in args.units:
+            continue
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
         rest = FloatRest(prediction.float_mirror, index, stream, predicted, cpu) if args.method == "pdquant" else None
@@ -97,12 +133,24 @@ def main() -> None:
             training.step(training_loss(unit, data, settings, cpu, generator, training.weights,
                                         beta=10.0 if training.weights else None, predicts=rest is not None))
 
-        float_ms, iteration_ms = median_ms([float_step(unit, batch, targets), iteration], args.steps, args.warmup)
+        float_timing, iteration_timing = measure([float_step(unit, batch, targets), iteration], args.steps, args.warmup)
+        if args.profile:
+            iterations[unit.unit.name] = (iteration_timing.ms, profile(iteration))
         training.finish()
-        ratios.append(iteration_ms / float_ms)
-        print(f"| {unit.unit.name} | {float_ms:.2f} | {iteration_ms:.2f} | {ratios[-1]:.2f} |")
+        ratios.append(iteration_timing.ms / float_timing.ms)
+        print(f"| {unit.unit.name} | {float_timing.ms:.1f} | {iteration_timing.ms:.1f} | {ratios[-1]:.2f} | "
+              f"{100 * iteration_timing.kernel_share:.0f} % | {iteration_timing.faults_per_s:,.0f} |", flush=True)
     print(f"\nmedian ratio {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+    for name, (ms, table) in sorted(iterations.items(), key=lambda item: -item[1][0])[:args.profile]:
+        print(f"\n### {name}: one iteration, {ms:.0f} ms\n\n```\n{table}\n```")
 
+
+def profile(action, runs: int = 3) -> str:
+    """torch.profiler's table of the operators of `runs` calls, by self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(runs):
+            action()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 if __name__ == "__main__":
     main()
