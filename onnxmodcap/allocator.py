@@ -3,14 +3,16 @@
 glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh mapping and
 unmaps it on free; smaller blocks come from the heap, whose free top is handed back to the kernel
 above 128 KiB. At real resolution a training step frees and allocates dozens of activation tensors
-of tens to hundreds of MB, so every step the kernel zero-fills them again page by page: on
-EfficientNet-Lite1 at 240x240, batch 32, 2 threads, half of the process's CPU time went to the
-kernel and one reconstruction iteration of block2 took 4.3 s, against 0.85 s with the memory kept
-(benchmarks_reconstruct.md).
+of tens to hundreds of MB, so in every step the kernel zero-fills them again page by page: in
+EfficientNet-Lite1's first six units at 240x240 (batch 32, 2 threads) 42-59 % of the process's CPU
+time went to the kernel, and on one thread a depthwise 3x3 convolution's forward and backward on 32
+images of 32 channels at 120x120 took 394 ms with freed memory handed back against 86 ms with it
+kept (benchmarks_reconstruct.md).
 
 `retained_memory()` switches glibc to the heap only (no mapping per block), never trims it and
 keeps one arena for every thread, and afterwards returns glibc's documented defaults and hands the
-free heap back. The process's peak memory is the same; only what is freed stays mapped for reuse.
+free heap back. What is freed stays mapped for reuse, so the resident memory stays at its
+high-water mark until the run ends.
 Nothing changes where the C library is not glibc or where the user tuned malloc through the
 environment (MALLOC_* variables, GLIBC_TUNABLES, a preloaded allocator).
 """

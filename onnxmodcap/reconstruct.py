@@ -185,7 +185,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
 
 
 # The overall bar measures work in predicted seconds (`step_costs`), so its share and time left
-# weigh each unit by its cost: at 224x224 the first units cost ten times the last ones.
+# weigh each unit by its cost: on EfficientNet-Lite1 at 240x240 block2's step costs 15 times the head's.
 OVERALL_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
@@ -452,9 +452,10 @@ class CachedTensor:
 
 def image_layout(tensor: torch.Tensor) -> torch.Tensor:
     """Image-shaped (4-D) tensors in channels-last memory layout, the same values. At real
-    resolution oneDNN runs a convolution's forward and backward about 3x faster in it: 32 images of
-    32 channels at 120x120, a depthwise 3x3 91 ms against 265 ms, a pointwise one 60 against 198
-    (2 threads, benchmarks_reconstruct.md)."""
+    resolution oneDNN runs a convolution's forward and backward faster in it: on 32 images of 32
+    channels at 120x120, one thread, a depthwise 3x3 in 49 ms against 86 ms, a pointwise one in 38
+    against 70 (benchmarks_reconstruct.md). On 14x14 and 7x7 maps of a ResNet-50 it is 5-36 %
+    slower; one layout for every unit keeps the data path simple."""
     return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 
