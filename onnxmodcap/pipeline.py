@@ -36,9 +36,9 @@ from .preprocess import Preprocessing, preprocessing_for_onnx
 from .quantizers import INIT_METHODS, QuantizerSet
 from .reconstruct import METHODS as RECONSTRUCTION_METHODS
 from .reconstruct import (
-    LOSS_IMAGES, PAPER_ITERS, PREDICTION_OBJECTIVES, PRESETS, RECONSTRUCTION_VERSION, Prediction, ReconstructionSettings,
-    batchnorm_targets, method_defaults, network_defaults, prediction_objective, reconstruct, results_to_dicts,
-    unit_errors,
+    LOSS_IMAGES, PAPER_ITERS, PREDICTION_OBJECTIVES, PRESETS, RECONSTRUCTION_VERSION, Prediction,
+    ReconstructionSettings, batchnorm_targets, method_defaults, network_defaults, prediction_objective, reconstruct,
+    results_to_dicts, unit_errors,
 )
 from .runtime import check_input_accepted
 from .shapes import dims, dynamic_image_axes, image_inputs

@@ -102,7 +102,8 @@ def main() -> None:
 
 def run(args) -> None:
 
-    config = QuantizeConfig(bits=args.bits, wbits=args.wbits, abits=args.abits, method=args.method, batch_size=args.batch_size, num_calib=args.num_calib)
+    config = QuantizeConfig(bits=args.bits, wbits=args.wbits, abits=args.abits, method=args.method,
+                            batch_size=args.batch_size, num_calib=args.num_calib)
     cpu = torch.device("cpu")
     sim = simulate(args.model, args.calib, config, cpu)
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
