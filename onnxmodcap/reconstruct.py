@@ -159,9 +159,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         predicted = None
         if settings.method == "pdquant":
             predicted = float_predictions(prediction, inputs, cache, device)
-        costs = [cost * settings.iters for cost in step_costs(mirror, inputs[:settings.batch_size], settings, device)]
-        with tqdm(total=sum(costs), initial=sum(costs[:len(results)]), desc="reconstructing",
-                  bar_format=OVERALL_BAR) as overall:
+        steps = step_costs(mirror, inputs[:settings.batch_size], settings, device)
+        with tqdm(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
+                  desc="reconstructing", bar_format=OVERALL_BAR) as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
                 float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
@@ -174,7 +174,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                         data = prediction_data(data, prediction, index, float_stream, predicted, settings, device,
                                                cache)
                     results.append(reconstruct_unit(unit, data, settings, device, generator,
-                                                    lambda: overall.update(costs[index] / settings.iters)))
+                                                    lambda: overall.update(steps[index])))
                     for cached in data.temporary:
                         cache.release(cached)
                     if checkpointer:
@@ -204,7 +204,7 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
             with torch.no_grad():
                 env.update(zip(unit.unit.outputs, as_tuple(unit(*batch))))
             unit.set_quantization(True)
-            later = {name for mirror_unit in mirror.units[index + 1:] for name in mirror_unit.unit.inputs}
+            later = read_after(mirror, index)
             env = {name: tensor for name, tensor in env.items() if name in later}
     return costs
 
@@ -544,9 +544,14 @@ class TensorStream:
         outputs = self.cache.store(run_in_batches(unit, inputs, device), len(inputs[0]))
         unit.set_quantization(True)
         self.tensors.update(zip(unit.unit.outputs, outputs))
-        later = {name for mirror in self.mirror.units[index + 1:] for name in mirror.unit.inputs}
+        later = read_after(self.mirror, index)
         self.retired = [self.tensors.pop(name) for name in list(self.tensors) if name not in later]
         return outputs
+
+
+def read_after(mirror: NetworkMirror, index: int) -> set[str]:
+    """The tensors that the units after unit `index` read."""
+    return {name for unit in mirror.units[index + 1:] for name in unit.unit.inputs}
 
 
 def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.device,
