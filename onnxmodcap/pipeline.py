@@ -347,8 +347,9 @@ def result_affecting(config: QuantizeConfig) -> dict:
 
 
 # Quantized activation values per image above which `--preset auto` on a CPU takes the quick preset:
-# the shipped 28x28 networks have 0.1-0.3 million, a 224x224 ImageNet network 10-20 million, where
-# the fast preset's 1 000 iterations per unit take about an hour on 2 cores (benchmarks_reconstruct.md).
+# the shipped 28x28 networks have 0.06-0.10 million, OpenNSFW (224x224) 8.8 million and
+# EfficientNet-Lite1 (240x240) 10.7 million, where the fast preset's 1 000 iterations per unit take
+# about an hour on 2 cores (benchmarks_reconstruct.md).
 LARGE_ACTIVATIONS = 1_000_000
 
 
