@@ -153,7 +153,8 @@ def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, Ac
         weight = weights_by_name[spec.tensor].detach()
         axis = spec.axis if spec.axis is not None else 0
         rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1) if spec.axis is not None else weight.reshape(1, -1)
-        quantizer = Quantizer(weight_grid(plan.target, spec.bits), rows.shape[0], spec.axis).to(weight.device)
+        grid = weight_grid(plan.target, spec.bits, spec.depthwise, plan.reduce_range)
+        quantizer = Quantizer(grid, rows.shape[0], spec.axis).to(weight.device)
         quantizer.initialise(rows, method)
         weights[spec.tensor] = quantizer
     activations = {}

@@ -20,6 +20,14 @@ these choices: each alternative below made models that do not load in a default 
   contradicts its zero point (the zoo's GoogLeNet failed). So does a `qdq` model whose source
   graph is at opset 21 or later: for the ORT target its activations take the native encoding too.
 
+ORT-target weights whose stored integers exceed 64 in magnitude (8-bit grids, 7-bit asymmetric
+ones) are stored as uint8 holding x_int - z + 128 with zero point 128, except in depthwise Convs.
+ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI (MLAS's AVX2 and AVX512BW paths) add
+pairs of products in int16, which saturates above 64 x 255 x 2: a fused Conv then lands up to a
+hundred output steps away from the simulation (benchmarks_reliability.md). With uint8 weights ONNX
+Runtime takes its u8 x u8 kernels, which widen every product to 32 bits, as its depthwise kernels
+do for int8 weights. The arithmetic is the same integers either way.
+
 Every quantized tensor keeps its name: its producer writes `<name>_float` and DequantizeLinear
 writes `<name>`, so consumers and graph outputs need no rewiring.
 """
@@ -38,7 +46,7 @@ from . import __version__
 from .batch import set_batch_dim
 from .errors import UserError
 from .mirror import NetworkMirror
-from .partition import float_layers
+from .partition import depthwise_weights, float_layers
 from .prepare import PreparedModel
 from .quantizers import Grid, Quantizer, QuantizerSet
 from .runtime import QUANTIZATION_METADATA_KEY
@@ -64,18 +72,21 @@ UINT8 = Container(TensorProto.UINT8, 0, 255, 13)
 NATIVE_WEIGHTS = [Container(TensorProto.UINT4, 0, 15, 21), Container(TensorProto.INT4, -8, 7, 21), UINT8, INT8]
 NATIVE_ACTIVATIONS = [UINT8, INT8]
 NUMPY_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+ORT_PAIR_LIMIT = 64  # the largest weight integer ONNX Runtime's u8 x s8 kernels take without saturating
+UINT8_WEIGHT_ZERO = 128  # the zero point of ORT-target weights stored in uint8
 
 
 @dataclass(frozen=True)
 class Encoding:
-    """How one quantizer's integers are stored: in `container`, either shifted (x_int - z with zero
-    point 0) or as x_int with the grid's own zero point."""
+    """How one quantizer's integers are stored: in `container`, either shifted (x_int - z +
+    `shifted_zero`, written with zero point `shifted_zero`) or as x_int with the grid's own zero point."""
 
     container: Container
     shifted: bool
+    shifted_zero: int = 0
 
     def stored_range(self, grid: Grid, zero_point: float) -> tuple[int, int]:
-        offset = int(zero_point) if self.shifted else 0
+        offset = int(zero_point) - self.shifted_zero if self.shifted else 0
         return grid.qmin - offset, grid.qmax - offset
 
     def clip_needed(self, grid: Grid, zero_point: float) -> bool:
@@ -97,7 +108,11 @@ def native_encoding(grid: Grid, containers: list[Container]) -> Encoding:
     return Encoding(fitting, shifted=False)
 
 
-def weight_encoding(fmt: str, quantizer: Quantizer) -> Encoding:
+def weight_encoding(fmt: str, target: str, quantizer: Quantizer, depthwise: bool) -> Encoding:
+    grid, zero_point = quantizer.grid, quantizer.zero_point
+    widest = max(abs(grid.qmin - int(zero_point.max())), abs(grid.qmax - int(zero_point.min())))
+    if target == "ort" and not depthwise and widest > ORT_PAIR_LIMIT:
+        return Encoding(UINT8, shifted=True, shifted_zero=UINT8_WEIGHT_ZERO)
     if fmt == "native":
         return native_encoding(quantizer.grid, NATIVE_WEIGHTS)
     return qdq_encoding(quantizer.grid, quantizer.zero_point)
@@ -122,7 +137,9 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
-    weight_encodings = {tensor: weight_encoding(fmt, quantizer) for tensor, quantizer in quantizers.weights.items()}
+    depthwise = depthwise_weights(prepared.model)
+    weight_encodings = {tensor: weight_encoding(fmt, target, quantizer, tensor in depthwise)
+                        for tensor, quantizer in quantizers.weights.items()}
     opset = max([QDQ_OPSET, model_opset(prepared.model), *(e.container.opset for e in weight_encodings.values())])
     # raised before the Q/DQ nodes go in: the converter has no adapters for them below opset 13
     model = with_opset(onnx.ModelProto.FromString(prepared.model.SerializeToString()), opset)
@@ -187,14 +204,14 @@ class GraphWriter:
     def scale_and_zero_point(self, name: str, quantizer: Quantizer, encoding: Encoding, per_channel: bool):
         scale = quantizer.scale.detach().cpu().numpy().astype(np.float32)
         zero_point = quantizer.zero_point.detach().cpu().numpy().astype(np.int64)
-        zero_point = np.zeros_like(zero_point) if encoding.shifted else zero_point
+        zero_point = np.full_like(zero_point, encoding.shifted_zero) if encoding.shifted else zero_point
         if not per_channel:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
         return (self.add_initializer(numpy_helper.from_array(scale, f"{name}_scale")),
                 self.add_initializer(integer_tensor(f"{name}_zero_point", zero_point, encoding.container)))
 
     def dequantized_constant(self, name: str, value: torch.Tensor, quantizer: Quantizer, encoding: Encoding):
-        stored = quantizer.quantized_integers(value)
+        stored = quantizer.quantized_integers(value) + encoding.shifted_zero
         if not encoding.shifted:
             stored = stored + quantizer.broadcast(quantizer.zero_point, value)
         per_channel = quantizer.axis is not None

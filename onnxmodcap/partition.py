@@ -99,6 +99,18 @@ def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
     return len(node.input) > 1 and node.input[1] in constants
 
 
+def depthwise_weights(model: onnx.ModelProto) -> set[str]:
+    """The weights of Convs whose every group holds one input and one output channel."""
+    dims = {t.name: t.dims for t in model.graph.initializer}
+    found = set()
+    for node in model.graph.node:
+        shape = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if shape is not None and group > 1 and shape[0] == group and shape[1] == 1:
+            found.add(node.input[1])
+    return found
+
+
 def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
     """Which input of a weighted node is its weight (a MatMul may carry it first)."""
     if node.op_type == "MatMul" and node.input[1] not in constants:

@@ -63,6 +63,7 @@ class QuantizeConfig:
     resume: bool = False
     init: str = "lp"
     target: str = "ort"
+    reduce_range: bool = False  # ORT target: 8-bit weights on 7 bits' range, for the faster int8 kernels
     format: str = "qdq"
     keep_ends: bool = True
     exclude: tuple[str, ...] = ()
@@ -243,7 +244,7 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     units = partition(prepared.model)
     plan = make_plan(prepared.model, PlanOptions(
         wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
-        keep_ends=config.keep_ends, exclude=config.exclude,
+        reduce_range=config.reduce_range, keep_ends=config.keep_ends, exclude=config.exclude,
         overrides=read_overrides(config.overrides) if config.overrides else {},
     ))
     mirror = NetworkMirror(prepared, units).eval().to(device)
@@ -412,6 +413,8 @@ def check_options(config: QuantizeConfig) -> None:
         raise UserError(f"unknown format {config.format!r}: choose {' or '.join(FORMATS)}")
     if config.format == "native" and config.target == "tensorrt":
         raise UserError("--format native is for ONNX Runtime; TensorRT needs --format qdq")
+    if config.reduce_range and config.target == "tensorrt":
+        raise UserError("--reduce-range is for ONNX Runtime's int8 kernels; TensorRT takes full-range weights")
     if config.weight_bits is None or config.activation_bits is None:
         raise UserError("give --bits, or both --wbits and --abits")
     if config.batch_size < 1:

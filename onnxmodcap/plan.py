@@ -19,13 +19,13 @@ import onnx
 import yaml
 
 from .errors import UserError
-from .partition import is_weighted, weight_input_index
+from .partition import depthwise_weights, is_weighted, weight_input_index
 from .quantizers import Grid
 
 TARGETS = ("ort", "tensorrt")
 MIN_BITS, MAX_BITS = 2, 8
 END_BITS = 8
-ORT_WEIGHT_BITS = 7  # the widest weight range ONNX Runtime's x86 int8 kernels add without saturating (weight_grid)
+REDUCED_RANGE_BITS = 7
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class PlanOptions:
     wbits: int = 4
     abits: int = 4
     target: str = "ort"
+    reduce_range: bool = False  # ORT target: 8-bit weights on 7 bits' range outside depthwise Convs (weight_grid)
     keep_ends: bool = True
     exclude: tuple[str, ...] = ()  # node-name regexes kept in float
     overrides: dict[str, LayerBits | None] = field(default_factory=dict)  # regex -> bits (None: float)
@@ -52,6 +53,7 @@ class WeightPlan:
     bits: int
     input: str  # the activation tensor the layer multiplies with the weight
     bias: str | None  # a bias initializer simulated on the int32 grid of input scale x weight scale
+    depthwise: bool  # a Conv whose every group holds one input and one output channel
 
 
 @dataclass(frozen=True)
@@ -64,24 +66,26 @@ class ActivationPlan:
 @dataclass
 class QuantPlan:
     target: str
+    reduce_range: bool
     weights: list[WeightPlan]
     activations: list[ActivationPlan]
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "weights": [asdict(w) for w in self.weights],
+        return {"target": self.target, "reduce_range": self.reduce_range, "weights": [asdict(w) for w in self.weights],
                 "activations": [asdict(a) for a in self.activations]}
 
 
-def weight_grid(target: str, bits: int) -> Grid:
-    """TensorRT: symmetric int8. ORT: weights never use more than 7 bits' range, because ONNX
-    Runtime's int8 kernels on x86 CPUs without VNNI (MLAS's AVX2 path) add pairs of u8 x s8
-    products in int16, which saturates once a weight integer exceeds 64 in magnitude: a fused
-    Conv then lands up to a hundred output steps away from the simulation (benchmarks_reliability.md).
-    This is ORT's own `reduce_range`. So 7- and 8-bit weights are symmetric on [-64, 63]; below that
-    the more accurate asymmetric grid, whose stored q - z stays within 63."""
-    if target == "tensorrt":
+def weight_grid(target: str, bits: int, depthwise: bool = False, reduce_range: bool = False) -> Grid:
+    """TensorRT: symmetric. ORT: symmetric at 8 bits, because ONNX Runtime's int8 Conv takes one
+    zero point for all its filters; below that the more accurate asymmetric grid (export.py stores
+    its integers as q - z). With `reduce_range`, 7- and 8-bit weights outside depthwise Convs are
+    symmetric on [-64, 63], so that export.py can store them in int8 for ONNX Runtime's faster
+    u8 x s8 kernels (ONNX Runtime's own `reduce_range`)."""
+    if target == "ort" and reduce_range and not depthwise and bits >= REDUCED_RANGE_BITS:
+        return Grid.signed(REDUCED_RANGE_BITS)
+    if target == "tensorrt" or bits == MAX_BITS:
         return Grid.signed(bits)
-    return Grid.signed(ORT_WEIGHT_BITS) if bits >= ORT_WEIGHT_BITS else Grid.asymmetric(bits)
+    return Grid.asymmetric(bits)
 
 
 def activation_grid(target: str, bits: int, nonnegative: bool) -> Grid:
@@ -106,6 +110,7 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
     if not layers:
         raise UserError("the model has no weighted layers (Conv, ConvTranspose, Gemm, MatMul with constant weights)")
     chosen = {n.name: layer_bits(n.name, i, len(layers), options) for i, n in enumerate(layers)}
+    depthwise = depthwise_weights(model)
     weights, activation_bits, consumers = [], {}, {}
     for node in layers:
         bits = chosen[node.name]
@@ -116,7 +121,7 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
         weights.append(WeightPlan(
             node=node.name, tensor=node.input[weight_index],
             axis=output_channel_axis(node, model, weight_index), bits=bits.wbits, input=data,
-            bias=bias_input(node, constants),
+            bias=bias_input(node, constants), depthwise=node.input[weight_index] in depthwise,
         ))
         activation_bits[data] = max(activation_bits.get(data, 0), bits.abits)
         consumers.setdefault(data, []).append(node.name)
@@ -126,7 +131,7 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
         activation_bits[tensor] = max(activation_bits.get(tensor, 0), bits)
         consumers.setdefault(tensor, []).append(consumer)
     activations = [ActivationPlan(t, activation_bits[t], tuple(consumers[t])) for t in activation_bits]
-    return QuantPlan(options.target, weights, activations)
+    return QuantPlan(options.target, options.reduce_range, weights, activations)
 
 
 def layer_bits(name: str, index: int, count: int, options: PlanOptions) -> LayerBits | None:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from .errors import UserError, first_line
 
 # A TensorRT-target model keeps full-range int8 weights. ONNX Runtime's CPU int8 kernels on x86
-# without VNNI saturate on those (plan.weight_grid), so such a model runs with its Q/DQ as written:
+# without VNNI saturate on those (export.py), so such a model runs with its Q/DQ as written:
 # the arithmetic TensorRT's int8 kernels carry out exactly.
 TENSORRT_NOTE = ("note: the model targets TensorRT; ONNX Runtime runs its Q/DQ as written, without fusing them "
                  "into its CPU int8 kernels")

@@ -85,6 +85,13 @@ def test_multiple_graph_inputs_are_refused(tmp_path, tensors):
                    "the model has 2 graph inputs; quantization needs exactly one image input", model, output)
 
 
+def test_reduce_range_with_the_tensorrt_target_is_refused(tmp_path, tensors):
+    model, output = tiny_classifier(tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    assert_refused(quantize_cli(model, tensors, output, "--bits", "8", "--target", "tensorrt", "--reduce-range"),
+                   "--reduce-range is for ONNX Runtime's int8 kernels; TensorRT takes full-range weights",
+                   model, output)
+
+
 def test_dynamic_spatial_size_needs_input_size(tmp_path):
     model, output = tiny_classifier(tmp_path / "m.onnx", spatial=("H", "W")), tmp_path / "q.onnx"
     images = write_pngs(tmp_path / "imgs", 40, (11, 9))

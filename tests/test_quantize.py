@@ -75,6 +75,18 @@ def activation_zero_point_types(result, model: onnx.ModelProto, max_bits: int) -
     return {t.data_type for t in model.graph.initializer if t.name in zero_points}
 
 
+def assert_no_saturating_int8_weights(model: onnx.ModelProto, plan: dict) -> None:
+    """Outside depthwise Convs, int8 weights stay within 64 in magnitude; wider ones are uint8
+    with zero point 128, which ONNX Runtime multiplies in its u8 x u8 kernels (export.py)."""
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for weight in plan["weights"]:
+        values = initializers[f"{weight['tensor']}_quantized"]
+        if values.dtype == np.uint8:
+            assert (initializers[f"{weight['tensor']}_zero_point"] == 128).all()
+        elif not weight["depthwise"]:
+            assert np.abs(values.astype(np.int32)).max() <= 64, weight["tensor"]
+
+
 @pytest.mark.parametrize("target, fmt", [("ort", "qdq"), ("tensorrt", "qdq"), ("ort", "native")])
 @pytest.mark.parametrize("wbits, abits", [(8, 8), (4, 8), (4, 4), (2, 4)])
 def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path, device, wbits, abits, target, fmt):
@@ -87,15 +99,31 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
     weight_types = {t.data_type for t in model.graph.initializer if t.name in stored_weights}
     if fmt == "native" and wbits < 8:  # 2-bit grids too: ONNX Runtime 1.31 cannot run INT2/UINT2 weights (export.py)
         assert onnx.TensorProto.UINT4 in weight_types
-    else:
+    elif target == "tensorrt":
         assert weight_types == {onnx.TensorProto.INT8}
+    else:  # ORT: 8-bit weights (the first and last layers at least) in uint8, the rest in int8 (export.py)
+        assert weight_types == {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
     if fmt == "native":  # unsigned grids in UINT8 with their zero point, never int8 (export.py)
         assert activation_zero_point_types(result, model, max_bits=8) == {onnx.TensorProto.UINT8}
-    if target == "ort" and fmt == "qdq":  # ONNX Runtime's x86 int8 kernels saturate beyond 64 (plan.weight_grid)
-        assert max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
-                   for t in model.graph.initializer if t.name in stored_weights) <= 64
+    if target == "ort":  # ONNX Runtime's x86 u8 x s8 kernels saturate beyond 64 (export.py)
+        assert_no_saturating_int8_weights(model, result.report["plan"])
     levels = {"ort": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "tensorrt": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     assert create_session(str(result.output), "cpu").get_session_options().graph_optimization_level == levels[target]
+
+
+def test_reduce_range_keeps_int8_weights_within_64_outside_depthwise_convs(exported_model, calib_tensors, tmp_path,
+                                                                           device):
+    path, _ = exported_model("mobilenetv2", "legacy")
+    result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=8, reduce_range=True, num_calib=CALIB,
+                                 output=str(tmp_path / "q.onnx"), device=device)
+    assert_parity(result)
+    model = onnx.load(result.output)
+    stored_weights = {f"{w['tensor']}_quantized": w["depthwise"] for w in result.report["plan"]["weights"]}
+    widest = {t.name: int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+              for t in model.graph.initializer if t.name in stored_weights}
+    assert {t.data_type for t in model.graph.initializer if t.name in stored_weights} == {onnx.TensorProto.INT8}
+    assert max(v for name, v in widest.items() if not stored_weights[name]) <= 64
+    assert max(v for name, v in widest.items() if stored_weights[name]) > 64  # depthwise: the full range
 
 
 @pytest.mark.parametrize("wbits, abits, target", [(4, 4, "ort"), (2, 4, "tensorrt")])

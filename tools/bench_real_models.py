@@ -16,8 +16,8 @@ must have the machine to themselves.
     python tools/bench_real_models.py render --out /tmp/real_bench
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
-(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `/minmax` (--init)
-and `@300` (--iters), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
+(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target) or `+reduce-range`,
+`/minmax` (--init) and `@300` (--iters), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
 $ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python).
@@ -115,7 +115,7 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
                "--wbits", str(wbits), "--abits", str(abits), "--method", method, "--num-calib", str(spec.images),
                "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json"))]
     command += ["--iters", iters] if iters else []
-    command += ["--target", target] if target else []
+    command += ["--reduce-range"] if target == "reduce-range" else ["--target", target] if target else []
     command += ["--init", init] if init else []
     if "input_size" in spec.flags:
         command += ["--input-size", spec.flags["input_size"]]
