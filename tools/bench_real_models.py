@@ -20,7 +20,9 @@ A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onn
 `/minmax` (--init) and `@300` (--iters), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
-$ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python).
+$ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python). MODEL:float:noise scores no
+quantizer: the float model on held-out inputs with Gaussian noise of one grey level added, the
+fidelity that the task metric tolerates on these inputs.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class RealModel:
     task: str  # classes | det | rec
     calib: str  # an image folder or a .npy of ready inputs in the models folder
     heldout: str
+    grey_level: float  # one step of 8-bit pixel values in the model's input units (after normalisation)
     flags: dict = field(default_factory=dict)  # onnxmodcap preprocessing flags
     batch_size: int = 32
     images: int = CALIB  # calibration images (the detector's pages are fewer and larger)
@@ -53,14 +56,17 @@ class RealModel:
 
 NSFW_FLAGS = {"layout": "nhwc", "color": "bgr", "resize": "256", "scale": "1", "mean": "104,117,123", "std": "1"}
 MODELS = {
-    "efficientnet_lite1.legacy": RealModel("efficientnet_lite1.legacy.onnx", "classes", "calib", "heldout"),
-    "efficientnet_lite1.dynamo": RealModel("efficientnet_lite1.dynamo.onnx", "classes", "calib", "heldout"),
-    "open_nsfw": RealModel("open_nsfw.onnx", "classes", "calib", "heldout", NSFW_FLAGS),
-    "ppocrv5_cls": RealModel("ppocrv5_cls.onnx", "classes", "ocr_cls_calib.npy", "ocr_cls_heldout.npy"),
+    "efficientnet_lite1.legacy": RealModel("efficientnet_lite1.legacy.onnx", "classes", "calib", "heldout",
+                                           grey_level=1 / 128),
+    "efficientnet_lite1.dynamo": RealModel("efficientnet_lite1.dynamo.onnx", "classes", "calib", "heldout",
+                                           grey_level=1 / 128),
+    "open_nsfw": RealModel("open_nsfw.onnx", "classes", "calib", "heldout", grey_level=1.0, flags=NSFW_FLAGS),
+    "ppocrv5_cls": RealModel("ppocrv5_cls.onnx", "classes", "ocr_cls_calib.npy", "ocr_cls_heldout.npy",
+                             grey_level=2 / 255),
     "ppocrv5_rec": RealModel("ppocrv5_rec.onnx", "rec", "ocr_rec_calib.npy", "ocr_rec_heldout.npy",
-                             {"input_size": "48x320"}),
-    "ppocrv5_det": RealModel("ppocrv5_det.onnx", "det", "ocr_det_calib", "ocr_det_heldout", {"input_size": "640"},
-                             batch_size=4, images=48),
+                             grey_level=2 / 255, flags={"input_size": "48x320"}),
+    "ppocrv5_det": RealModel("ppocrv5_det.onnx", "det", "ocr_det_calib", "ocr_det_heldout",  # ImageNet std, averaged
+                             grey_level=1 / (255 * 0.226), flags={"input_size": "640"}, batch_size=4, images=48),
 }
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 AIMET_PYTHON = os.environ.get("ONNXMODCAP_AIMET_PYTHON", "/tmp/peers/aimet/bin/python")
@@ -210,19 +216,33 @@ def rescore(args) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
+def noise_cell(args, name: str) -> dict:
+    """The float model's fidelity to itself when every held-out input gets Gaussian noise of one grey
+    level (seed 0): what the task metric tolerates on these inputs."""
+    spec = MODELS[name]
+    heldout = np.load(args.out / name / "heldout.npy")
+    noisy = heldout + np.random.default_rng(0).normal(0, spec.grey_level, heldout.shape).astype(np.float32)
+    reference = outputs_of(args.models / spec.file, heldout, spec.batch_size)
+    return {"wall_s": 0, "peak_rss_mib": 0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **scores(spec.task, reference, outputs_of(args.models / spec.file, noisy, spec.batch_size))}
+
+
+def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
+    output = output_path(args.out, name, bits, quantizer)
+    command = quantize_command(name, bits, quantizer, args.models, args.out, output)
+    completed, wall, rss = timed(command, {**os.environ, "TQDM_DISABLE": "1"})
+    record = {"wall_s": wall, "peak_rss_mib": round(rss), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if completed.returncode != 0:
+        errors = [line for line in completed.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
+        return record | {"error": (errors or completed.stderr.strip().splitlines()[-2:-1] or ["?"])[-1][:300]}
+    return record | score_file(args, name, output)
+
+
 def run(args) -> None:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     for cell in args.cell:
         name, bits, quantizer = cell.split(":")
-        output = output_path(args.out, name, bits, quantizer)
-        completed, wall, rss = timed(quantize_command(name, bits, quantizer, args.models, args.out, output), env)
-        record = {"model": name, "bits": bits, "quantizer": quantizer, "wall_s": wall, "peak_rss_mib": round(rss),
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if completed.returncode != 0:
-            errors = [line for line in completed.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
-            record["error"] = (errors or completed.stderr.strip().splitlines()[-2:-1] or ["?"])[-1][:300]
-        else:
-            record |= score_file(args, name, output)
+        record = {"model": name, "bits": bits, "quantizer": quantizer}
+        record |= noise_cell(args, name) if quantizer == "noise" else quantize_cell(args, name, bits, quantizer)
         print(json.dumps(record), flush=True)
         with open(args.out / "results.jsonl", "a") as stream:
             stream.write(json.dumps(record) + "\n")
