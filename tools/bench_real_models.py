@@ -264,7 +264,11 @@ def render(args) -> None:
             fidelity = (f"strings identical {100 * r['strings_identical']:.1f} %, positions "
                         f"{100 * r['position_agreement']:.2f} %")
             sqnr = r["sqnr_db"]
-        print(f"| {model} | {bits.upper()} | {quantizer} | {fidelity} | {sqnr} | {r['wall_s']:.0f} | {r['peak_rss_mib']} |")
+        if quantizer == "noise":
+            print(f"| {model} | float | input noise of one grey level | {fidelity} | {sqnr} | | |")
+        else:
+            print(f"| {model} | {bits.upper()} | {quantizer} | {fidelity} | {sqnr} | {r['wall_s']:.0f} | "
+                  f"{r['peak_rss_mib']} |")
 
 
 def main() -> None:
