@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .datasets import Skipped, open_images, prepared_batches
 from .errors import UserError
 from .mirror import NetworkMirror
 from .plan import QuantPlan, activation_grid, weight_grid
 from .preprocess import Preprocessing
+from .progress import progress_bar
 from .quantizers import BiasQuantizer, Quantizer, QuantizerSet
 
 SAMPLES_PER_TENSOR = 1 << 16
@@ -137,7 +137,7 @@ def collect_activation_stats(mirror: NetworkMirror, plan: QuantPlan, inputs: np.
     mirror.observe(observe)
     try:
         with torch.no_grad():
-            for start in tqdm(batches, desc="calibrating", unit="batch", leave=False):
+            for start in progress_bar(batches, desc="calibrating", unit="batch", leave=False):
                 mirror(torch.from_numpy(inputs[start:start + batch_size]).to(device))
     finally:
         mirror.observe(None)
@@ -149,7 +149,7 @@ def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, Ac
     """Quantizers with scales and zero points initialised by `method` (lp, minmax or percentile)."""
     weights_by_name = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
     weights = {}
-    for spec in tqdm(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer", leave=False):
+    for spec in progress_bar(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer", leave=False):
         weight = weights_by_name[spec.tensor].detach()
         axis = spec.axis if spec.axis is not None else 0
         rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1) if spec.axis is not None else weight.reshape(1, -1)

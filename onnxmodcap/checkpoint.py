@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from .files import write_atomically
 from .quantizers import QuantizerSet
 
 STATE, INDEX = "state.pt", "state.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,10 +35,9 @@ class Resumed:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, fingerprint: str, note: Callable[[str], None]):
+    def __init__(self, folder: Path, fingerprint: str):
         self.folder = folder
         self.fingerprint = fingerprint
-        self.note = note
 
     def save(self, completed: int, quantizers: QuantizerSet, results: list[dict], generator: torch.Generator,
              device: torch.device) -> None:
@@ -57,7 +57,7 @@ class Checkpointer:
         """The saved progress, with the quantizers restored; None when there is nothing usable."""
         index_path, state_path = self.folder / INDEX, self.folder / STATE
         if not index_path.exists() or not state_path.exists():
-            self.note(f"no checkpoint in {self.folder}: starting from the first unit")
+            log.info("no checkpoint in %s: starting from the first unit", self.folder)
             return None
         try:
             index = json.loads(index_path.read_text())
@@ -65,14 +65,14 @@ class Checkpointer:
             if hashlib.sha256(payload).hexdigest() != index["sha256"]:
                 raise ValueError("hash mismatch")
             if index["fingerprint"] != self.fingerprint:
-                self.note(f"checkpoint in {self.folder} belongs to another model, data or settings: discarded")
+                log.info("checkpoint in %s belongs to another model, data or settings: discarded", self.folder)
                 return None
             state = torch.load(state_path, weights_only=True)
             restore_quantizers(quantizers, state)
         except (ValueError, KeyError, RuntimeError, OSError) as err:
-            self.note(f"checkpoint in {self.folder} is corrupted ({str(err).splitlines()[0]}): discarded")
+            log.info("checkpoint in %s is corrupted (%s): discarded", self.folder, str(err).splitlines()[0])
             return None
-        self.note(f"resuming after unit {index['completed']} from {self.folder}")
+        log.info("resuming after unit %d from %s", index["completed"], self.folder)
         return Resumed(index["completed"], index["results"], state["rng/generator"], state["rng/torch"])
 
     def remove(self) -> None:

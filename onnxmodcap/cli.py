@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 
 import click
+from tqdm import tqdm
 
 from . import __version__
 from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import UserError, first_line
+from .progress import show_progress
 
 
 TRACEBACK_VARIABLE = "ONNXMODCAP_TRACEBACK"
@@ -43,10 +46,41 @@ def fail(message: str, exit_code: int):
     sys.exit(exit_code)
 
 
+class MessageHandler(logging.Handler):
+    """The library's log records as `note: ...` (`warning: ...`, `debug: ...`) lines on the
+    current stderr, written between progress bars rather than through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "note" if record.levelno == logging.INFO else record.levelname.lower()
+        tqdm.write(f"{prefix}: {record.getMessage()}", file=sys.stderr)
+
+
+MESSAGES = MessageHandler()
+
+
+def configure_messages(quiet: bool, verbose: bool) -> None:
+    """Notes on stderr by default; -q: warnings only and no progress bars; -v: debug messages too."""
+    logger = logging.getLogger("onnxmodcap")
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if MESSAGES not in logger.handlers:
+        logger.addHandler(MESSAGES)
+    logger.propagate = False
+    show_progress(not quiet)
+
+
+def context_line(message: str) -> None:
+    """A line that says what a command runs on (provider, preprocessing, data); -q hides it."""
+    if logging.getLogger("onnxmodcap").isEnabledFor(logging.INFO):
+        tqdm.write(message, file=sys.stderr)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxmodcap")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="Only results, warnings and errors: no notes, no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug messages too.")
+def main(quiet, verbose):
     """Post-training quantization of ONNX vision CNNs (BRECQ, QDrop, PD-Quant, ModCap)."""
+    configure_messages(quiet, verbose)
 
 
 @main.command()
@@ -109,13 +143,10 @@ def preprocessing_options(command):
 @user_errors
 def evaluate(model, data, reference, as_json, batch_size, limit, provider, **flags):
     """Top-1/top-5 accuracy of MODEL on labelled data, and its fidelity to a reference model."""
-    from tqdm import tqdm
-
     from .evaluate import evaluate as run_evaluation
 
     result = run_evaluation(model, data, reference_path=reference, flags=flags, batch_size=batch_size,
-                            limit=limit, provider=provider, progress=True,
-                            note=lambda message: tqdm.write(message, file=sys.stderr))
+                            limit=limit, provider=provider, progress=True, note=context_line)
     for name, reason in result.skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)
     if result.skipped:

@@ -30,10 +30,6 @@ from .preprocess import Preprocessing
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 # What Pillow raises for unreadable, truncated or unconvertible files.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# Pillow warns, in several lines, about images from 89 megapixels and refuses them from 179 (a
-# DecompressionBombError, reported as a skipped file); in between is a large photo, used silently.
-# A process-wide filter, because images are read in threads and catch_warnings is not thread-safe.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -167,7 +163,12 @@ class Skipped:
 def prepared_batches(images: ImageSet, preprocessing: Preprocessing, batch_size: int,
                      skipped: Skipped) -> Iterator[Batch]:
     """Model-ready batches in the set's order; images that fail are recorded in `skipped`.
-    Decoding runs in a thread pool (Pillow releases the GIL while decoding and resizing)."""
+    Decoding runs in a thread pool (Pillow releases the GIL while decoding and resizing).
+
+    Pillow warns, in several lines, about images from 89 megapixels and refuses them from 179 (a
+    DecompressionBombError, reported as a skipped file); in between is a large photo, used
+    silently. The decoding threads see the warning filters of the process, so the filter that
+    silences it is set here, in the calling thread, around the pool, and removed afterwards."""
 
     def prepare(sample: Sample) -> np.ndarray | Exception:
         try:
@@ -175,7 +176,8 @@ def prepared_batches(images: ImageSet, preprocessing: Preprocessing, batch_size:
         except IMAGE_ERRORS as err:
             return err
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         for start in range(0, len(images.samples), batch_size):
             chunk = images.samples[start:start + batch_size]
             arrays, labels = [], []

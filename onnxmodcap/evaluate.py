@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
-from tqdm import tqdm
 
 from .datasets import ImageSet, Skipped, open_images, prepared_batches
 from .errors import UserError, first_line
 from .metrics import FidelityTotals, OutputFidelity, output_kind
 from .preprocess import Preprocessing, resolve_preprocessing
+from .progress import progress_bar
 from .runtime import PROVIDERS, create_session, run_batched, session_provider
 
 INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -166,8 +165,8 @@ def run(model: Classifier, reference: Classifier | None, images: ImageSet, prepr
     skipped = Skipped()
     logit_count = 0
     # disable=None: the bar shows only on a terminal, and only for runs longer than two seconds
-    with tqdm(total=len(images.samples), unit="img", disable=None if progress else True, delay=2,
-              leave=False, file=sys.stderr) as bar:
+    with progress_bar(total=len(images.samples), unit="img", disable=None if progress else True, delay=2,
+                      leave=False) as bar:
         for batch in prepared_batches(images, preprocessing, batch_size, skipped):
             outputs = model.outputs(batch.inputs)
             logit_count = outputs[0][0].size

@@ -6,8 +6,8 @@ model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (modcap -> 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .allocator import retained_memory
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
@@ -44,7 +43,10 @@ from .runtime import check_input_accepted
 from .shapes import dims, dynamic_image_axes, image_inputs
 from .validate import Validation, require_parity, validate
 
+log = logging.getLogger(__name__)
+
 METHODS = ("rtn", *RECONSTRUCTION_METHODS)
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,18 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     started = time.monotonic()
     check_options(config)
     output = output_path(model_path, config)
-    torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    with exact_float32(device), retained_memory():
+    with seeded(config.seed, device), exact_float32(device), retained_memory():
         return run_on(device, model_path, calib_path, config, output, started)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """torch's global random generators seeded with `seed` for the run, and restored afterwards."""
+    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextmanager
@@ -133,11 +143,12 @@ def exact_float32(device: torch.device):
     """On CUDA, while a run lasts: convolutions and matrix products in full float32, not TF32 (which
     torch's cuDNN convolutions use by default from Ampere on, rounding their inputs to 10-bit
     mantissas: far beyond the rounding noise that validation allows), and deterministic kernels, so
-    that one seed gives one file. torch's settings are restored afterwards."""
+    that one seed gives one file. torch's settings and the environment are restored afterwards."""
     if device.type != "cuda":
         yield
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode reads it
+    workspace = os.environ.get(CUBLAS_WORKSPACE)
+    os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")  # cuBLAS's deterministic mode reads it
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled())
@@ -149,6 +160,8 @@ def exact_float32(device: torch.device):
     finally:
         cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark = saved[:3]
         torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+        if workspace is None:
+            del os.environ[CUBLAS_WORKSPACE]
 
 
 @contextmanager
@@ -175,8 +188,7 @@ def run_on(device: torch.device, model_path: Path, calib_path: Path, config: Qua
     if config.method != "rtn":
         checkpointer = Checkpointer(work_folder(output, config), run_fingerprint(
             RECONSTRUCTION_VERSION.encode(), prepared.source_digest.encode(), data.inputs.tobytes(),
-            json.dumps(result_affecting(config)).encode()),
-            note=lambda message: tqdm.write(message, file=sys.stderr))
+            json.dumps(result_affecting(config)).encode()))
         try:
             checkpointer.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
@@ -292,9 +304,9 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     report: dict = {"reconstruction_settings": {"preset": config.preset, **asdict(settings)}}
     if config.method == "pdquant":
         report["distribution_correction"] = distribution_correction(sim.prepared, settings)
-        tqdm.write(f"note: distribution correction {report['distribution_correction']}", file=sys.stderr)
+        log.info("distribution correction %s", report["distribution_correction"])
         report["prediction_difference"] = {"objective": objective, "description": PREDICTION_OBJECTIVES[objective]}
-        tqdm.write(f"note: prediction difference: {PREDICTION_OBJECTIVES[objective]}", file=sys.stderr)
+        log.info("prediction difference: %s", PREDICTION_OBJECTIVES[objective])
     report["reconstruction"] = run_reconstruction(mirror, checkpointer, config.resume, checkpointer.folder / "cache")
     losses["after"] = unit_errors(sim.mirror, loss_images, device)
     losses["oscillation"] = oscillation(losses["after"])
@@ -366,7 +378,7 @@ def resolve_preset(config: QuantizeConfig, activation_elements: int) -> str:
         preset = "quick" if activation_elements > LARGE_ACTIVATIONS else "fast"
         reason = f"cpu, {activation_elements / 1e6:.1f} million activation values per image"
     iters = config.iters or PRESETS[preset].get("iters", PAPER_ITERS)
-    tqdm.write(f"note: --preset auto chose {preset} ({reason}): {iters} iterations per unit", file=sys.stderr)
+    log.info("--preset auto chose %s (%s): %d iterations per unit", preset, reason, iters)
     return preset
 
 

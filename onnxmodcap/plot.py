@@ -6,19 +6,18 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .files import write_atomically  # noqa: E402
+from .files import write_atomically
 
 
 def plot_unit_losses(losses: dict, path: Path, title: str) -> None:
-    """`losses` is the report's `unit_losses` section."""
+    """`losses` is the report's `unit_losses` section. A bare Figure draws on its own Agg canvas:
+    no pyplot, so no backend is chosen and no figure registry is touched in the user's process."""
+    from matplotlib.figure import Figure
+
     names = losses["units"]
     positions = list(range(len(names)))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4.0))
+    figure = Figure(figsize=(max(6.0, 0.45 * len(names)), 4.0))
+    axes = figure.subplots()
     axes.plot(positions, losses["before"], marker="o", color="grey", label="before (initialised)")
     if "after_without_modcap" in losses:
         axes.plot(positions, losses["after_without_modcap"], marker="o",
@@ -38,4 +37,3 @@ def plot_unit_losses(losses: dict, path: Path, title: str) -> None:
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=120)
     write_atomically(path, image.getvalue())
-    plt.close(figure)

@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .errors import UserError
 from .checkpoint import Checkpointer, set_device_rng_state
 from .metrics import output_kind
 from .mirror import NetworkMirror, UnitMirror, as_tuple
+from .progress import progress_bar
 from .quantizers import QuantizerSet, keep_mask
 
 METHODS = ("brecq", "qdrop", "pdquant")
@@ -160,7 +160,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         if settings.method == "pdquant":
             predicted = float_predictions(prediction, inputs, cache, device)
         steps = step_costs(mirror, inputs[:settings.batch_size], settings, device)
-        with tqdm(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
+        with progress_bar(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
                   desc="reconstructing", bar_format=OVERALL_BAR) as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
@@ -680,7 +680,7 @@ def reconstruct_unit(unit: UnitMirror, data: UnitData, settings: ReconstructionS
     started = time.monotonic()
     loss_before = measure_loss(unit, data.quantized_inputs, data.reference_outputs, device)
     training = start_training(unit, settings)
-    with tqdm(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
+    with progress_bar(range(settings.iters), desc=f"  {unit.unit.name}", unit="it", leave=False) as progress:
         for step in progress:
             beta = rounding_beta(step, settings) if training.weights else None
             predicts = data.rest is not None and step % settings.pd_interval == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 
 import numpy as np
 import onnx
@@ -14,8 +14,9 @@ from .errors import UserError, first_line
 # A TensorRT-target model keeps full-range int8 weights. ONNX Runtime's CPU int8 kernels on x86
 # without VNNI saturate on those (export.py), so such a model runs with its Q/DQ as written:
 # the arithmetic TensorRT's int8 kernels carry out exactly.
-TENSORRT_NOTE = ("note: the model targets TensorRT; ONNX Runtime runs its Q/DQ as written, without fusing them "
+TENSORRT_NOTE = ("the model targets TensorRT; ONNX Runtime runs its Q/DQ as written, without fusing them "
                  "into its CPU int8 kernels")
+log = logging.getLogger(__name__)
 QUANTIZATION_METADATA_KEY = "onnxmodcap.quantization"  # how onnxmodcap quantized a model (export.py)
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 # The CUDA provider computes float32 convolutions in TF32 unless told otherwise; the simulation does
@@ -48,7 +49,7 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
         session = ort.InferenceSession(model, options, providers=[PROVIDERS[name] for name in loadable],
                                        provider_options=[PROVIDER_OPTIONS[name] for name in loadable])
         if tensorrt and session_provider(session) == "cpu":
-            print(TENSORRT_NOTE, file=sys.stderr)
+            log.info(TENSORRT_NOTE)
     except Exception as err:  # onnxruntime raises its own exception types per failure kind
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ONNX Runtime cannot load the model: {message}") from err
