@@ -155,13 +155,17 @@ def png_claiming_size(path, width, height):
 
 def test_a_large_image_under_the_bomb_limit_is_read_without_a_warning(tmp_path):
     """90 megapixels: above Pillow's warning threshold, below its error: a large photo, not a bomb.
-    Read in a fresh process, where Python prints warnings as a user would see them."""
+    Read as calibration and evaluation read images, in a fresh process, where Python prints warnings
+    as a user would see them; afterwards the process's warning filters are as before."""
     (tmp_path / "imgs").mkdir()
     Image.new("L", (10000, 9000)).save(tmp_path / "imgs" / "large.png")
-    script = ("import sys; from onnxmodcap.datasets import open_images; images = open_images(sys.argv[1]); "
-              "print(images.load(images.samples[0]).size)")
+    script = ("import sys, warnings; from onnxmodcap.datasets import Skipped, open_images, prepared_batches; "
+              "from onnxmodcap.preprocess import Preprocessing; filters = list(warnings.filters); "
+              "grey = Preprocessing((90, 100), 90, 1 / 255, (0.5,), (0.25,), 'grey', 'nchw'); "
+              "[batch] = prepared_batches(open_images(sys.argv[1]), grey, 1, Skipped()); "
+              "print(batch.inputs.shape, warnings.filters == filters)")
     read = subprocess.run([sys.executable, "-c", script, str(tmp_path / "imgs")], capture_output=True, text=True)
-    assert (read.returncode, read.stdout, read.stderr) == (0, "(10000, 9000)\n", "")
+    assert (read.returncode, read.stdout, read.stderr) == (0, "(1, 1, 90, 100) True\n", "")
 
 
 def test_messy_calibration_folder_uses_what_it_can_and_names_what_it_skips(tmp_path):
