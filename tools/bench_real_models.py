@@ -198,10 +198,14 @@ def output_path(out: Path, name: str, bits: str, quantizer: str) -> Path:
     return out / name / f"{bits}.{quantizer.replace('@', '_').replace('/', '_')}.onnx"
 
 
-def score_file(args, name: str, output: Path) -> dict:
+def score_file(args, name: str, output: Path, noise: float = 0.0) -> dict:
+    """The fidelity of model `output` on the held-out inputs (with Gaussian noise of std `noise`,
+    seed 0) to the float model on the clean inputs."""
     spec = MODELS[name]
     heldout = np.load(args.out / name / "heldout.npy")
     reference = outputs_of(args.models / spec.file, heldout, spec.batch_size)
+    if noise:
+        heldout = heldout + np.random.default_rng(0).normal(0, noise, heldout.shape).astype(np.float32)
     return scores(spec.task, reference, outputs_of(output, heldout, spec.batch_size))
 
 
@@ -220,11 +224,8 @@ def noise_cell(args, name: str) -> dict:
     """The float model's fidelity to itself when every held-out input gets Gaussian noise of one grey
     level (seed 0): what the task metric tolerates on these inputs."""
     spec = MODELS[name]
-    heldout = np.load(args.out / name / "heldout.npy")
-    noisy = heldout + np.random.default_rng(0).normal(0, spec.grey_level, heldout.shape).astype(np.float32)
-    reference = outputs_of(args.models / spec.file, heldout, spec.batch_size)
     return {"wall_s": 0, "peak_rss_mib": 0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **scores(spec.task, reference, outputs_of(args.models / spec.file, noisy, spec.batch_size))}
+            **score_file(args, name, args.models / spec.file, noise=spec.grey_level)}
 
 
 def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
