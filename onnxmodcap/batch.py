@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 from .errors import UserError, first_line
 from .files import save_with_external_data
 from .preprocess import guess_layout, missing_input_size
-from .shapes import dims, dynamic_image_axes, image_inputs, tensor_shapes
+from .graph import dims, dynamic_image_axes, image_inputs, tensor_shapes
 from .weights import Weights, fits_in_protobuf, tensor_value, with_values
 
 BATCH_SYMBOL = "batch"

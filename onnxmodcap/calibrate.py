@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import DEFAULT_NUM_CALIB
 from .datasets import Skipped, open_images, prepared_batches
 from .errors import UserError
 from .mirror import NetworkMirror
@@ -22,7 +23,6 @@ from .quantizers import BiasQuantizer, Quantizer, QuantizerSet
 
 SAMPLES_PER_TENSOR = 1 << 16
 PARITY_IMAGES = 64
-DEFAULT_NUM_CALIB = 1024
 
 
 @dataclass
@@ -39,8 +39,6 @@ def load_calibration(path: str | Path, preprocessing: Preprocessing, input_shape
                      num_calib: int | None) -> CalibrationData:
     """`num_calib` None takes every image up to DEFAULT_NUM_CALIB; a number must be available."""
     path = Path(path)
-    if num_calib is not None and num_calib < 1:
-        raise UserError(f"--num-calib must be at least 1, got {num_calib}")
     wanted = (num_calib or DEFAULT_NUM_CALIB) + PARITY_IMAGES
     if is_tensor_file(path):
         arrays, skipped = read_tensor_file(path)[:wanted], Skipped()
@@ -134,13 +132,9 @@ def collect_activation_stats(mirror: NetworkMirror, plan: QuantPlan, inputs: np.
         if name in stats:
             stats[name].add(value)
 
-    mirror.observe(observe)
-    try:
-        with torch.no_grad():
-            for start in progress_bar(batches, desc="calibrating", unit="batch", leave=False):
-                mirror(torch.from_numpy(inputs[start:start + batch_size]).to(device))
-    finally:
-        mirror.observe(None)
+    with mirror.observing(observe), torch.no_grad():
+        for start in progress_bar(batches, desc="calibrating", unit="batch", leave=False):
+            mirror(torch.from_numpy(inputs[start:start + batch_size]).to(device))
     return stats
 
 

@@ -12,7 +12,7 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .defaults import DEFAULT_METHOD, DEFAULT_MODCAP
+from .config import DEFAULT_METHOD, DEFAULT_MODCAP
 from .errors import UserError, first_line
 from .progress import show_progress
 
@@ -253,7 +253,7 @@ def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize
                   "color": color, "layout": layout}
     result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, dc=not no_dc, exclude=tuple(exclude),
                           preprocess=preprocess, **options)
-    skipped = result.report["calibration"]["skipped"]
+    skipped = result.report.calibration.skipped
     for name, reason in skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)
     if skipped:
@@ -261,8 +261,8 @@ def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize
                    err=True)
     click.echo(f"wrote {result.output}")
     click.echo(result.validation.summary())
-    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.report["stage_seconds"].items())
-    click.echo(f"time: {stages} (total {result.report['seconds']:.0f} s)")
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.report.stage_seconds.items())
+    click.echo(f"time: {stages} (total {result.report.seconds:.0f} s)")
 
 
 @main.command()

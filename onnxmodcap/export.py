@@ -46,13 +46,13 @@ from . import __version__
 from .batch import set_batch_dim
 from .errors import UserError
 from .mirror import NetworkMirror
-from .partition import depthwise_weights, float_layers
+from .graph import depthwise_weights, model_opset
+from .partition import float_layers
 from .prepare import PreparedModel
 from .quantizers import Grid, Quantizer, QuantizerSet
 from .runtime import QUANTIZATION_METADATA_KEY
 from .weights import Weights, detach_large, used_weights
 
-FORMATS = ("qdq", "native")
 QDQ_OPSET = 13
 OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear's output_dtype, which ONNX Runtime's int8 rewrite leaves wrong
 
@@ -135,8 +135,6 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into an int8 kernel and
     recovers exactly the simulated integers), except Gemm biases of the ORT target, which are
     written as int32 behind a DequantizeLinear because ORT forms QGemm only from those."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
     depthwise = depthwise_weights(prepared.model)
     weight_encodings = {tensor: weight_encoding(fmt, target, quantizer, tensor in depthwise)
                         for tensor, quantizer in quantizers.weights.items()}
@@ -169,10 +167,6 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
     return model, used_weights(model, weights)
-
-
-def model_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

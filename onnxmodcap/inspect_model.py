@@ -13,11 +13,12 @@ from .errors import UserError, first_line
 from .mirror import NetworkMirror, unsupported_ops
 from .modcap import Schedule, choose_groups, data_free_capacities, default_pairs
 from .partition import Unit, partition
-from .plan import PlanOptions, check_bits, make_plan
+from .config import check_at_least_one, check_bits
+from .plan import PlanOptions, make_plan
 from .prepare import PreparedModel, prepare
 from .preprocess import given_input_size, missing_input_size
 from .runtime import create_session, session_provider
-from .shapes import dims, dynamic_image_axes, image_inputs, tensor_shapes
+from .graph import dims, dynamic_image_axes, image_inputs, tensor_shapes
 
 VERIFY_BATCH = 2
 
@@ -75,8 +76,7 @@ def inspect_model(path: str | os.PathLike, verify: bool = False, seed: int = 0, 
 def data_free_schedule(prepared: PreparedModel, units: list[Unit], pairs: int | None, bits: int) -> Schedule:
     """The schedule `quantize --modcap free --bits BITS` uses (first and last layers at 8 bits)."""
     check_bits(bits, "--bits")
-    if pairs is not None and pairs < 1:
-        raise UserError(f"--modcap-k must be at least 1, got {pairs}")
+    check_at_least_one("modcap_k", pairs)
     plan = make_plan(prepared.model, PlanOptions(wbits=bits, abits=bits))
     capacities = data_free_capacities(prepared.model, units, plan)
     return choose_groups("free", units, capacities, pairs or default_pairs(units))

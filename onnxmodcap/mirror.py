@@ -7,7 +7,8 @@ layers are `nn.Parameter`s (later stages quantize and learn them), every other c
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -15,15 +16,12 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .ops import OPS, Call, node_attributes
-from .partition import Unit, is_weighted, weight_input_index
+from .graph import is_weighted, model_opset, node_attributes, weight_input_index
+from .ops import OPS, Call
+from .partition import Unit
 from .prepare import PreparedModel
 from .quantizers import QuantizerSet
 from .weights import tensor_value
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
@@ -70,7 +68,7 @@ class UnitMirror(nn.Module):
         super().__init__()
         model = prepared.model
         self.unit = unit
-        opset = default_opset(model)
+        opset = model_opset(model)
         by_name = {n.name: n for n in model.graph.node}
         nodes = [by_name[name] for name in unit.nodes]
         initializers = {t.name: t for t in model.graph.initializer}
@@ -131,9 +129,18 @@ class UnitMirror(nn.Module):
         return [*self.weight_quantizers.values(), *self.bias_quantizers.values(),
                 *self.activation_quantizers.values()]
 
-    def set_quantization(self, enabled: bool) -> None:
-        for module in self.quantizer_modules():
-            module.enabled = enabled
+    @contextmanager
+    def quantization(self, enabled: bool) -> Iterator[None]:
+        """Inside the block every quantizer of the unit is on (the simulated quantized unit) or off
+        (the float unit); afterwards each is as it was."""
+        with switched(self.quantizer_modules(), "enabled", enabled):
+            yield
+
+    @contextmanager
+    def observing(self, observer: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Inside the block `observer(tensor_name, value)` sees every tensor the unit produces."""
+        with switched([self], "observer", observer):
+            yield
 
     def input_quantizers(self) -> list[nn.Module | None]:
         """The activation quantizer of each unit input, in order (None where the input is not quantized)."""
@@ -195,18 +202,35 @@ class NetworkMirror(nn.Module):
         for unit in self.units:
             unit.attach(quantizers)
 
-    def set_quantization(self, enabled: bool) -> None:
-        """Switch every quantizer on (the simulated quantized model) or off (the float model)."""
-        for unit in self.units:
-            unit.set_quantization(enabled)
+    @contextmanager
+    def quantization(self, enabled: bool) -> Iterator[None]:
+        """Inside the block every quantizer is on (the simulated quantized model) or off (the float
+        model); afterwards each is as it was."""
+        with switched([q for unit in self.units for q in unit.quantizer_modules()], "enabled", enabled):
+            yield
 
-    def observe(self, observer: Callable[[str, torch.Tensor], None] | None) -> None:
-        """Call `observer(tensor_name, value)` for every tensor the units produce (None: stop)."""
-        for unit in self.units:
-            unit.observer = observer
+    @contextmanager
+    def observing(self, observer: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Inside the block `observer(tensor_name, value)` sees every tensor the units produce."""
+        with switched(list(self.units), "observer", observer):
+            yield
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = dict(zip(self.input_names, inputs))
         for mirror in self.units:
             env.update(zip(mirror.unit.outputs, as_tuple(mirror(*(env[name] for name in mirror.unit.inputs)))))
         return tuple(env[name] for name in self.output_names)
+
+
+@contextmanager
+def switched(objects: list, attribute: str, value) -> Iterator[None]:
+    """`attribute` set to `value` on every object inside the block, and each object's own value
+    restored afterwards, also when the block fails."""
+    saved = [getattr(obj, attribute) for obj in objects]
+    for obj in objects:
+        setattr(obj, attribute, value)
+    try:
+        yield
+    finally:
+        for obj, previous in zip(objects, saved):
+            setattr(obj, attribute, previous)

@@ -22,12 +22,11 @@ import onnx
 import torch
 
 from .mirror import NetworkMirror
-from .ops import node_attributes
+from .graph import node_attributes
 from .partition import Unit, make_unit
 from .plan import QuantPlan
-from .reconstruct import unit_errors
+from .losses import unit_errors
 
-MODES = ("off", "data", "free")
 STRIDE_DISCOUNT = 0.5
 MAX_GROUP = 3
 CAPACITY_BATCH = 64

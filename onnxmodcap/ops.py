@@ -14,7 +14,6 @@ from typing import Any, Callable
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper
 
 from .errors import UserError
 
@@ -46,14 +45,6 @@ def op(*op_types: str):
         return fn
 
     return register
-
-
-def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    attrs = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
-        attrs[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return attrs
 
 
 def as_ints(tensor: Tensor | None) -> list[int] | None:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from .graph import is_weighted, weight_input_index
+
 ACTIVATION_OPS = {
     "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
     "Gelu", "Elu", "Selu", "Softplus", "Mish", "Max", "Min",
@@ -89,33 +90,6 @@ def weighted_layers(model: onnx.ModelProto) -> list[str]:
     """Names of nodes whose weights get quantized: Conv, ConvTranspose, Gemm, MatMul on a constant."""
     constants = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node if is_weighted(n, constants)]
-
-
-def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
-    if node.op_type not in WEIGHTED_OPS:
-        return False
-    if node.op_type == "MatMul":
-        return any(name in constants for name in node.input)
-    return len(node.input) > 1 and node.input[1] in constants
-
-
-def depthwise_weights(model: onnx.ModelProto) -> set[str]:
-    """The weights of Convs whose every group holds one input and one output channel."""
-    dims = {t.name: t.dims for t in model.graph.initializer}
-    found = set()
-    for node in model.graph.node:
-        shape = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if shape is not None and group > 1 and shape[0] == group and shape[1] == 1:
-            found.add(node.input[1])
-    return found
-
-
-def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
-    """Which input of a weighted node is its weight (a MatMul may carry it first)."""
-    if node.op_type == "MatMul" and node.input[1] not in constants:
-        return 0
-    return 1
 
 
 def float_layers(model: onnx.ModelProto, quantized_weights) -> set[str]:

@@ -18,12 +18,11 @@ from pathlib import Path
 import onnx
 import yaml
 
+from .config import MAX_BITS, check_bits
 from .errors import UserError
-from .partition import depthwise_weights, is_weighted, weight_input_index
+from .graph import depthwise_weights, is_weighted, weight_input_index
 from .quantizers import Grid
 
-TARGETS = ("ort", "tensorrt")
-MIN_BITS, MAX_BITS = 2, 8
 END_BITS = 8
 REDUCED_RANGE_BITS = 7
 
@@ -42,6 +41,7 @@ class PlanOptions:
     reduce_range: bool = False  # ORT target: 8-bit weights on 7 bits' range outside depthwise Convs (weight_grid)
     keep_ends: bool = True
     exclude: tuple[str, ...] = ()  # node-name regexes kept in float
+    exclude_op_types: tuple[str, ...] = ()  # op types kept in float
     overrides: dict[str, LayerBits | None] = field(default_factory=dict)  # regex -> bits (None: float)
 
 
@@ -95,21 +95,12 @@ def activation_grid(target: str, bits: int, nonnegative: bool) -> Grid:
     return Grid.unsigned(bits) if nonnegative and bits < 8 else Grid.signed(bits)
 
 
-def check_bits(bits: int, what: str) -> None:
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise UserError(f"{what} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-
-
 def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
-    check_bits(options.wbits, "weight bits")
-    check_bits(options.abits, "activation bits")
-    if options.target not in TARGETS:
-        raise UserError(f"unknown target {options.target!r}: choose {' or '.join(TARGETS)}")
     constants = {t.name for t in model.graph.initializer}
     layers = [n for n in model.graph.node if is_weighted(n, constants)]
     if not layers:
         raise UserError("the model has no weighted layers (Conv, ConvTranspose, Gemm, MatMul with constant weights)")
-    chosen = {n.name: layer_bits(n.name, i, len(layers), options) for i, n in enumerate(layers)}
+    chosen = {n.name: layer_bits(n, i, len(layers), options) for i, n in enumerate(layers)}
     depthwise = depthwise_weights(model)
     weights, activation_bits, consumers = [], {}, {}
     for node in layers:
@@ -134,11 +125,12 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
     return QuantPlan(options.target, options.reduce_range, weights, activations)
 
 
-def layer_bits(name: str, index: int, count: int, options: PlanOptions) -> LayerBits | None:
-    if any(re.fullmatch(pattern, name) for pattern in options.exclude):
+def layer_bits(node: onnx.NodeProto, index: int, count: int, options: PlanOptions) -> LayerBits | None:
+    """The widths of the index-th of `count` weighted layers; None keeps it in float."""
+    if node.op_type in options.exclude_op_types or any(re.fullmatch(p, node.name) for p in options.exclude):
         return None
     for pattern, bits in options.overrides.items():
-        if re.fullmatch(pattern, name):
+        if re.fullmatch(pattern, node.name):
             return bits
     if options.keep_ends and index in (0, count - 1):
         return LayerBits(END_BITS, END_BITS)

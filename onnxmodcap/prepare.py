@@ -24,7 +24,7 @@ from onnx import numpy_helper, shape_inference
 from .batch import FixedBatch, fixed_batch, free_batch
 from .errors import UserError, first_line
 from .preprocess import given_input_size
-from .shapes import UNKNOWN, tensor_shapes
+from .graph import UNKNOWN, consumers, produced_tensors, tensor_shapes
 from .weights import Weights, add_initializer, detach_large, fits_in_protobuf, tensor_value, used_weights, with_values
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -308,18 +308,6 @@ def name_nodes(model: onnx.ModelProto) -> None:
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
-
-
-def produced_tensors(model: onnx.ModelProto) -> set[str]:
-    return {out for node in model.graph.node for out in node.output}
-
-
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
 
 
 def fold_batchnorms(model: onnx.ModelProto, weights: Weights) -> tuple[onnx.ModelProto, dict[str, BatchNormStats]]:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .shapes import dims, image_inputs
+from .graph import dims, image_inputs
 
 METADATA_KEY = "onnxmodcap.preprocess"
 COLORS = ("rgb", "bgr", "grey")

@@ -16,7 +16,6 @@ from torch import nn
 LP_NORM = 2.4
 SEARCH_STEPS = 100
 PERCENTILE = 99.99
-INIT_METHODS = ("lp", "minmax", "percentile")
 MIN_SCALE = 1e-8  # the scale of an all-zero channel or a constant-zero activation
 
 

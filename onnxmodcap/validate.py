@@ -34,7 +34,7 @@ from .errors import UserError, first_line
 from .metrics import OutputFidelity, class_scores, fidelity, output_kind
 from .mirror import NetworkMirror
 from .runtime import create_session, run_batched, session_provider
-from .shapes import dynamic_image_axes
+from .graph import dynamic_image_axes
 
 PARITY_TOLERANCE = 1e-4  # max |ORT - simulation| relative to each output's range in the simulation
 MIN_EXACT_IMAGES = 0.75  # share of parity images that must agree within PARITY_TOLERANCE

@@ -53,7 +53,7 @@ def test_a_batch_of_one_is_freed_for_the_tool_and_kept_in_the_written_model(expo
     source, result = quantize_static(exported_model, calib, tmp_path, device, name)
     assert signature(result.output) == signature(source)
     assert signature(source)[0] == [[1, 3, 32, 32]]
-    assert "the model fixes its batch size at 1: prepared with a free batch size" in result.report["notes"]
+    assert "the model fixes its batch size at 1: prepared with a free batch size" in result.report.to_dict()["notes"]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "shufflenetv2", "segnet_head"])
@@ -72,7 +72,7 @@ def test_reconstruction_on_a_fixed_batch(exported_model, calib, tmp_path, device
     source, result = quantize_static(exported_model, calib, tmp_path, device, "mobilenetv3", method=method, iters=20,
                                      wbits=4, abits=8)
     assert signature(result.output) == signature(source)
-    assert len(result.report["reconstruction"]) == len(result.report["units"])
+    assert len(result.report.to_dict()["reconstruction"]) == len(result.report.to_dict()["units"])
 
 
 def test_dynamic_batch_writes_the_freed_batch(exported_model, calib, tmp_path, device):
@@ -157,11 +157,11 @@ def test_a_dynamic_size_graph_with_two_outputs(fpn, calib, tmp_path, device, met
     assert [(f.name, f.kind) for f in validation.fidelity] == [("probability", "tensor"), ("scores", "classes")]
     assert validation.fidelity[0].top1_agreement is None and validation.fidelity[1].top1_agreement is not None
     assert validation.second_size.input_shape == [3, 64, 64] and validation.second_size.ok
-    units = result.report["units"]
+    units = result.report.to_dict()["units"]
     assert any(len(u["inputs"]) > 1 and len(u["outputs"]) > 1 for u in units)  # the neck: no single cut point
     assert sum(len(u["layers"]) for u in units) == 15 and max(len(u["layers"]) for u in units) <= 8
     assert signature(output) == signature(fpn)
-    report = result.report["validation"]
+    report = result.report.to_dict()["validation"]
     assert [o["name"] for o in report["outputs"]] == ["probability", "scores"]
     assert report["second_size"]["parity_ok"] is True
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
@@ -175,9 +175,9 @@ def test_pdquant_on_a_detector_uses_the_normalised_squared_error(fpn, calib, tmp
     result = onnxmodcap.quantize(fpn, calib, method="pdquant", iters=20, bits=4, output=str(tmp_path / "q.onnx"),
                                  num_calib=CALIB, device=device, preprocess={"input_size": "32"})
     assert result.validation.parity_ok
-    assert result.report["prediction_difference"] == {
+    assert result.report.to_dict()["prediction_difference"] == {
         "objective": "mse", "description": "squared error of every output, each divided by its float variance"}
-    assert [u["name"] for u in result.report["reconstruction"]] == [u["name"] for u in result.report["units"]]
+    assert [u["name"] for u in result.report.to_dict()["reconstruction"]] == [u["name"] for u in result.report.to_dict()["units"]]
 
 
 def test_inspect_a_dynamic_size_graph(fpn):

@@ -15,7 +15,8 @@ import torch
 
 import onnxmodcap
 from onnxmodcap import pipeline
-from onnxmodcap.reconstruct import ReconstructionSettings, UnitTraining, start_training
+from onnxmodcap.recipes import ReconstructionSettings
+from onnxmodcap.reconstruct import start_training, UnitTraining
 
 LEARNING_ITERS = 200
 SETTINGS = {"W4A8": {"wbits": 4, "abits": 8}, "W6A8": {"wbits": 6, "abits": 8}, "W8A8": {"wbits": 8, "abits": 8},
@@ -60,7 +61,7 @@ def test_every_rounding_variable_gets_a_gradient_in_the_first_iteration(
     path, _ = exported_model(model, "legacy")
     result = onnxmodcap.quantize(path, calib, **SETTINGS[setting], method="brecq", modcap="off", iters=5,
                                  num_calib=64, output=str(tmp_path / "q.onnx"))
-    units = [unit["name"] for unit in result.report["reconstruction"]]
+    units = [unit["name"] for unit in result.report.to_dict()["reconstruction"]]
     assert len(first_gradients) == len(units)
     frozen = [(unit, index) for unit, gradients in zip(units, first_gradients)
               for index, gradient in enumerate(gradients) if not gradient.abs().sum() > 0]
@@ -85,11 +86,11 @@ def test_every_unit_loss_falls_behind_8_bit_activations(exported_model, pixels, 
     path, _ = exported_model(model, exporter)
     result = onnxmodcap.quantize(path, pixels, **SETTINGS[setting], method=method, modcap="off", dc=False,
                                  iters=LEARNING_ITERS, output=str(tmp_path / "q.onnx"))
-    weight_bits = {w["node"]: w["bits"] for w in result.report["plan"]["weights"]}
-    learning = {u["name"] for u in result.report["units"] if min(weight_bits[layer] for layer in u["layers"]) < 8}
-    units = [u for u in result.report["reconstruction"] if u["name"] in learning]
+    weight_bits = {w["node"]: w["bits"] for w in result.report.to_dict()["plan"]["weights"]}
+    learning = {u["name"] for u in result.report.to_dict()["units"] if min(weight_bits[layer] for layer in u["layers"]) < 8}
+    units = [u for u in result.report.to_dict()["reconstruction"] if u["name"] in learning]
     not_lowered = [(u["name"], u["loss_before"], u["loss_after"]) for u in units if not u["loss_after"] < u["loss_before"]]
-    assert len(units) >= len(result.report["reconstruction"]) - 2
+    assert len(units) >= len(result.report.to_dict()["reconstruction"]) - 2
     assert not_lowered == []
     assert result.validation.parity_ok
 

@@ -243,7 +243,7 @@ def test_a_model_over_the_protobuf_limit_takes_the_large_model_path(tmp_path, te
     monkeypatch.setattr(weights, "PROTOBUF_LIMIT", 2048)
     large = onnxmodcap.quantize(model, tensors, method="rtn", bits=4, num_calib=32, output=str(tmp_path / "b.onnx"))
     assert large.validation.parity_ok
-    assert "not simplified: onnxsim cannot take a model over 2 GB" in large.report["notes"]
+    assert "not simplified: onnxsim cannot take a model over 2 GB" in large.report.to_dict()["notes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "b.onnx.data", "inputs.npy", "m.onnx"]
     images = {"x": np.load(tensors)[-8:]}
     outputs = [ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"]).run(None, images)[0]

@@ -17,11 +17,13 @@ from onnxmodcap.inspect_model import inspect_model
 from onnxmodcap.mirror import NetworkMirror
 from onnxmodcap.modcap import choose_groups, data_capacities, data_free_capacities, merge_units, oscillation
 from onnxmodcap.partition import Unit
-from onnxmodcap.pipeline import QuantizeConfig, simulate
-from onnxmodcap.reconstruct import (
-    CachedTensor, ChannelMoments, FloatRest, ReconstructionSettings, TensorCache, batchnorm_targets, correct_distribution, drop_probability,
-    start_training, statistics_error,
-)
+from onnxmodcap.config import QuantizeConfig
+from onnxmodcap.pipeline import simulate
+from onnxmodcap.losses import ChannelMoments, statistics_error
+from onnxmodcap.pdquant import batchnorm_targets, correct_distribution, FloatRest
+from onnxmodcap.recipes import drop_probability, ReconstructionSettings
+from onnxmodcap.reconstruct import start_training
+from onnxmodcap.tensor_cache import CachedTensor, TensorCache
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 ITERS = 30
@@ -71,9 +73,8 @@ def test_merged_units_compute_exactly_what_the_units_computed(exported_model, ca
     batch = torch.from_numpy(sim.data.inputs)
     with torch.no_grad():
         for quantized in (True, False):
-            sim.mirror.set_quantization(quantized)
-            merged.set_quantization(quantized)
-            assert torch.equal(sim.mirror(batch)[0], merged(batch)[0])
+            with sim.mirror.quantization(quantized), merged.quantization(quantized):
+                assert torch.equal(sim.mirror(batch)[0], merged(batch)[0])
 
 
 def test_qdrop_keeps_an_element_quantized_across_a_group_as_often_as_across_one_unit(exported_model, calib):
@@ -85,7 +86,7 @@ def test_qdrop_keeps_an_element_quantized_across_a_group_as_often_as_across_one_
     assert max(len(group) for group in schedule.groups) > 1
     for unit, group in zip(merged.units, schedule.groups):
         assert unit.unit.group_size == len(group)
-        assert drop_probability(ReconstructionSettings(method="brecq"), unit) == 0.0
+        assert drop_probability(ReconstructionSettings(method="brecq"), unit.unit.group_size) == 0.0
         activations = start_training(unit, ReconstructionSettings(method="qdrop")).activations
         assert activations
         for quantizer in activations:
@@ -107,10 +108,9 @@ def test_distribution_correction_moves_inputs_toward_the_bn_statistics(exported_
 
     def error(inputs):
         seen = {}
-        stem.observer = lambda name, value: seen.__setitem__(name, value) if name in targets else None
-        with torch.no_grad():
-            stem(inputs)
-        stem.observer = None
+        with stem.observing(lambda name, value: seen.__setitem__(name, value) if name in targets else None):
+            with torch.no_grad():
+                stem(inputs)
         return float(statistics_error(seen, targets))
 
     # the penalty ||X_c - X||^2 / lambda_c holds the correction back: without it, the statistics move further
@@ -132,19 +132,19 @@ def test_pdquant_with_data_modcap_corrects_the_inputs_of_single_units_and_not_of
     result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="pdquant", modcap="data", preset="fast",
                                  iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"), device=device)
     assert result.validation.parity_ok and result.validation.held_out
-    merged = result.report["modcap"]["merged"]
+    merged = result.report.to_dict()["modcap"]["merged"]
     assert sum(len(group) - 1 for group in merged) == 2  # pairs merged: the default for 8 blocks
-    names = [u["name"] for u in result.report["reconstruction"]]
+    names = [u["name"] for u in result.report.to_dict()["reconstruction"]]
     assert ["+".join(group) for group in merged] == [name for name in names if "+" in name]
-    corrections = {u["name"]: u["distribution_correction"] for u in result.report["reconstruction"]}
+    corrections = {u["name"]: u["distribution_correction"] for u in result.report.to_dict()["reconstruction"]}
     assert corrections["stem"] == "applied (1 BatchNormalization statistics)"
     assert all(corrections[name].startswith("applied (") for name in names[:-1] if "+" not in name)
     assert all(corrections[name] == "skipped: a ModCap group" for name in names if "+" in name)
     assert corrections["head"] == "skipped: no BatchNormalization statistics inside the unit"
-    settings = result.report["reconstruction_settings"]
+    settings = result.report.to_dict()["reconstruction_settings"]
     assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (4.0, 0.02, 0.01)
-    assert result.report["distribution_correction"] == "on: 20 BatchNormalization statistics recorded by prepare"
-    assert result.report["prediction_difference"]["objective"] == "kl"
+    assert result.report.to_dict()["distribution_correction"] == "on: 20 BatchNormalization statistics recorded by prepare"
+    assert result.report.to_dict()["prediction_difference"]["objective"] == "kl"
 
 
 def test_compare_granularity_reports_both_loss_curves(exported_model, calib, tmp_path):
@@ -153,12 +153,12 @@ def test_compare_granularity_reports_both_loss_curves(exported_model, calib, tmp
     result = onnxmodcap.quantize(path, calib, wbits=2, abits=4, method="brecq", modcap="free", compare_granularity=True,
                                  iters=ITERS, num_calib=96, output=str(tmp_path / "q.onnx"), report=str(report))
     assert result.validation.parity_ok
-    assert [u["name"] for u in result.report["reconstruction_without_modcap"]] == \
-        [u["name"] for u in result.report["units"]]
-    assert len(result.report["reconstruction"]) < len(result.report["units"])
-    losses = result.report["unit_losses"]
+    assert [u["name"] for u in result.report.to_dict()["reconstruction_without_modcap"]] == \
+        [u["name"] for u in result.report.to_dict()["units"]]
+    assert len(result.report.to_dict()["reconstruction"]) < len(result.report.to_dict()["units"])
+    losses = result.report.to_dict()["unit_losses"]
     assert len(losses["before"]) == len(losses["after"]) == len(losses["after_without_modcap"]) == \
-        len(result.report["units"])
+        len(result.report.to_dict()["units"])
     assert losses["oscillation"] == pytest.approx(oscillation(losses["after"]))
     assert losses["oscillation_without_modcap"] == pytest.approx(oscillation(losses["after_without_modcap"]))
     assert losses["after"] != losses["after_without_modcap"]
@@ -170,11 +170,11 @@ def test_pdquant_without_bn_statistics_says_so_and_skips_the_correction(exported
     result = onnxmodcap.quantize(path, calib, bits=4, method="pdquant", preset="fast", iters=ITERS, num_calib=96,
                                  output=str(tmp_path / "q.onnx"))
     assert result.validation.parity_ok
-    assert result.report["distribution_correction"].startswith(
+    assert result.report.to_dict()["distribution_correction"].startswith(
         "skipped: the graph has no BatchNormalization statistics (BN was folded before export)")
-    assert {u["distribution_correction"] for u in result.report["reconstruction"]} == {
+    assert {u["distribution_correction"] for u in result.report.to_dict()["reconstruction"]} == {
         "skipped: no BatchNormalization statistics inside the unit"}
-    settings = result.report["reconstruction_settings"]  # depthwise convolutions: the MobileNet recipes
+    settings = result.report.to_dict()["reconstruction_settings"]  # depthwise convolutions: the MobileNet recipes
     assert (settings["pd_temperature"], settings["dc_lambda"], settings["round_lambda"]) == (1.0, 0.005, 0.1)
 
 
@@ -187,16 +187,16 @@ def test_prediction_difference_joins_every_iteration_of_the_paper_preset_and_eve
         rest, outputs, picks))
     result = onnxmodcap.quantize(SHIPPED / "resnet18.onnx", SHIPPED / "calib", bits=4, method="pdquant", preset=preset, iters=8,
                                  num_calib=96, output=str(tmp_path / "q.onnx"))
-    units = len(result.report["reconstruction"])
+    units = len(result.report.to_dict()["reconstruction"])
     assert carries == [8 if preset == "fast" else 32] * (units * carried_per_unit)
-    assert result.report["reconstruction_settings"]["pd_interval"] == (4 if preset == "fast" else 1)
+    assert result.report.to_dict()["reconstruction_settings"]["pd_interval"] == (4 if preset == "fast" else 1)
 
 
 def test_round_lambda_overrides_the_network_default(exported_model, calib, tmp_path):
     path, _ = exported_model("mobilenetv2", "legacy")
     result = onnxmodcap.quantize(path, calib, bits=4, method="brecq", modcap="off", iters=2, num_calib=96,
                                  round_lambda=0.05, output=str(tmp_path / "q.onnx"))
-    assert result.report["reconstruction_settings"]["round_lambda"] == 0.05
+    assert result.report.to_dict()["reconstruction_settings"]["round_lambda"] == 0.05
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -236,5 +236,5 @@ def test_interrupted_pdquant_modcap_run_resumes_to_the_identical_file(exported_m
     monkeypatch.undo()
     assert not output.exists()
     resumed = onnxmodcap.quantize(path, calib, output=str(output), resume=True, **options)
-    assert [u["name"] for u in resumed.report["reconstruction"]][4] == "block4+block5"
+    assert [u["name"] for u in resumed.report.to_dict()["reconstruction"]][4] == "block4+block5"
     assert resumed.output.read_bytes() == whole

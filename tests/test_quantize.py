@@ -71,7 +71,7 @@ def test_every_architecture_exports_with_parity(exported_model, calib_tensors, t
 
 def activation_zero_point_types(result, model: onnx.ModelProto, max_bits: int) -> set[int]:
     """The element types of the written zero points of activation quantizers of at most max_bits."""
-    zero_points = {f"{a['tensor']}_zero_point" for a in result.report["plan"]["activations"] if a["bits"] <= max_bits}
+    zero_points = {f"{a['tensor']}_zero_point" for a in result.report.to_dict()["plan"]["activations"] if a["bits"] <= max_bits}
     return {t.data_type for t in model.graph.initializer if t.name in zero_points}
 
 
@@ -95,7 +95,7 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
     model = onnx.load(result.output)
     metadata = json.loads({p.key: p.value for p in model.metadata_props}["onnxmodcap.quantization"])
     assert (metadata["wbits"], metadata["abits"], metadata["target"], metadata["format"]) == (wbits, abits, target, fmt)
-    stored_weights = {f"{w['tensor']}_quantized" for w in result.report["plan"]["weights"]}
+    stored_weights = {f"{w['tensor']}_quantized" for w in result.report.to_dict()["plan"]["weights"]}
     weight_types = {t.data_type for t in model.graph.initializer if t.name in stored_weights}
     if fmt == "native" and wbits < 8:  # 2-bit grids too: ONNX Runtime 1.31 cannot run INT2/UINT2 weights (export.py)
         assert onnx.TensorProto.UINT4 in weight_types
@@ -106,7 +106,7 @@ def test_bit_widths_targets_and_formats(exported_model, calib_tensors, tmp_path,
     if fmt == "native":  # unsigned grids in UINT8 with their zero point, never int8 (export.py)
         assert activation_zero_point_types(result, model, max_bits=8) == {onnx.TensorProto.UINT8}
     if target == "ort":  # ONNX Runtime's x86 u8 x s8 kernels saturate beyond 64 (export.py)
-        assert_no_saturating_int8_weights(model, result.report["plan"])
+        assert_no_saturating_int8_weights(model, result.report.to_dict()["plan"])
     levels = {"ort": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "tensorrt": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     assert create_session(str(result.output), "cpu").get_session_options().graph_optimization_level == levels[target]
 
@@ -118,7 +118,7 @@ def test_reduce_range_keeps_int8_weights_within_64_outside_depthwise_convs(expor
                                  output=str(tmp_path / "q.onnx"), device=device)
     assert_parity(result)
     model = onnx.load(result.output)
-    stored_weights = {f"{w['tensor']}_quantized": w["depthwise"] for w in result.report["plan"]["weights"]}
+    stored_weights = {f"{w['tensor']}_quantized": w["depthwise"] for w in result.report.to_dict()["plan"]["weights"]}
     widest = {t.name: int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
               for t in model.graph.initializer if t.name in stored_weights}
     assert {t.data_type for t in model.graph.initializer if t.name in stored_weights} == {onnx.TensorProto.INT8}
@@ -151,7 +151,7 @@ def test_first_and_last_layers_stay_8_bit_and_exclude_keeps_float(exported_model
     path, _ = exported_model("resnet18", "legacy")
     result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=2, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
                                  exclude=(r"/layer4/.*",))
-    weights = result.report["plan"]["weights"]
+    weights = result.report.to_dict()["plan"]["weights"]
     assert weights[0]["bits"] == 8 and weights[-1]["bits"] == 8
     assert {w["bits"] for w in weights[1:-1]} == {2}
     assert not any(w["node"].startswith("/layer4/") for w in weights)
@@ -167,7 +167,7 @@ def test_overrides_file_sets_bits_by_regex(exported_model, calib_tensors, tmp_pa
     overrides.write_text('layers:\n  "/layer1/.*": {wbits: 6, abits: 8}\n  "/layer2/layer2.0/conv1/Conv": float\n')
     result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=4, num_calib=CALIB, output=str(tmp_path / "q.onnx"),
                                  overrides=str(overrides))
-    bits = {w["node"]: w["bits"] for w in result.report["plan"]["weights"]}
+    bits = {w["node"]: w["bits"] for w in result.report.to_dict()["plan"]["weights"]}
     assert all(b == 6 for node, b in bits.items() if node.startswith("/layer1/"))
     assert "/layer2/layer2.0/conv1/Conv" not in bits
     assert bits["/layer3/layer3.0/conv1/Conv"] == 4
@@ -198,7 +198,7 @@ def test_image_folder_calibration_of_any_size(exported_model, tmp_path):
     images = write_images(tmp_path / "imgs", 40, size=(50, 41))
     result = onnxmodcap.quantize(path, images, method="rtn", bits=4, output=str(tmp_path / "q.onnx"),
                                  preprocess={"mean": "0.5,0.5,0.5", "std": "0.25,0.25,0.25"})
-    assert result.report["calibration"]["images"] == 40
+    assert result.report.to_dict()["calibration"]["images"] == 40
     assert result.validation.parity_ok
 
 

@@ -21,8 +21,13 @@ import torch
 
 import onnxmodcap
 from onnxmodcap import pipeline
-from onnxmodcap.reconstruct import (CachedTensor, ReconstructionSettings, UnitData, measure_loss, output_error,
-                                    start_training, step_costs, training_loss)
+from onnxmodcap.losses import measure_loss, output_error
+from onnxmodcap.config import QuantizeConfig
+from onnxmodcap.graph import has_depthwise_conv
+from onnxmodcap.recipes import ReconstructionSettings, reconstruction_settings, resolve_preset
+from onnxmodcap.run_state import exact_float32
+from onnxmodcap.reconstruct import start_training, step_costs, training_loss
+from onnxmodcap.tensor_cache import CachedTensor, UnitData
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -39,8 +44,8 @@ def test_reconstruction_lowers_unit_losses_and_exports_with_parity(resnet, calib
     report = tmp_path / "report.json"
     result = onnxmodcap.quantize(resnet, calib, wbits=2, abits=4, method=method, modcap="off", iters=LEARNING_ITERS,
                                  num_calib=96, output=str(tmp_path / "q.onnx"), report=str(report), device=device)
-    units = result.report["reconstruction"]
-    assert [u["name"] for u in units] == [u["name"] for u in result.report["units"]]
+    units = result.report.to_dict()["reconstruction"]
+    assert [u["name"] for u in units] == [u["name"] for u in result.report.to_dict()["units"]]
     assert all(u["iterations"] == LEARNING_ITERS for u in units)
     improved = [u["loss_after"] < u["loss_before"] for u in units[1:-1]]  # the 2-bit blocks
     assert sum(improved) >= len(improved) - 1
@@ -70,7 +75,7 @@ def test_default_preset_is_the_fast_one_on_a_cpu_and_says_so(resnet, calib, tmp_
 @pytest.mark.parametrize("device, elements, preset", [
     ("cpu", 250_000, "fast"), ("cpu", 12_000_000, "quick"), ("cuda", 12_000_000, "paper")])
 def test_auto_preset_is_paper_on_cuda_and_quick_on_a_cpu_for_large_activations(device, elements, preset):
-    assert pipeline.resolve_preset(pipeline.QuantizeConfig(device=device), elements) == preset
+    assert resolve_preset(QuantizeConfig(device=device), elements) == preset
 
 
 @pytest.mark.parametrize("method, preset, weight_lr", [
@@ -78,18 +83,18 @@ def test_auto_preset_is_paper_on_cuda_and_quick_on_a_cpu_for_large_activations(d
     ("brecq", "fast", 2e-2), ("qdrop", "fast", 2e-2), ("pdquant", "fast", 2e-2), ("qdrop", "quick", 0.1)])
 def test_rounding_learning_rate_is_the_published_one_scaled_so_iterations_times_rate_stays_as_published(
         resnet, method, preset, weight_lr):
-    config = pipeline.QuantizeConfig(method=method, preset=preset)
-    assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == weight_lr
+    config = QuantizeConfig(method=method, preset=preset)
+    assert reconstruction_settings(config, has_depthwise_conv(onnx.load(resnet))).weight_lr == weight_lr
 
 
 @pytest.mark.parametrize("preset", ["paper", "fast"])
 def test_round_lr_overrides_the_preset_and_method_rate(resnet, preset):
-    config = pipeline.QuantizeConfig(method="pdquant", preset=preset, round_lr=5e-3)
-    assert pipeline.reconstruction_settings(config, onnx.load(resnet)).weight_lr == 5e-3
+    config = QuantizeConfig(method="pdquant", preset=preset, round_lr=5e-3)
+    assert reconstruction_settings(config, has_depthwise_conv(onnx.load(resnet))).weight_lr == 5e-3
 
 
 def test_step_costs_time_every_unit_and_leave_quantizers_weights_and_random_state_as_they_were(resnet, calib, device):
-    sim = pipeline.simulate(Path(resnet), Path(calib), pipeline.QuantizeConfig(num_calib=64), torch.device(device))
+    sim = pipeline.simulate(Path(resnet), Path(calib), QuantizeConfig(num_calib=64), torch.device(device))
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
@@ -119,9 +124,9 @@ def test_a_cuda_run_computes_in_full_float32_with_deterministic_kernels_and_rest
         return cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
 
     before = settings()
-    with pipeline.exact_float32(torch.device("cpu")):
+    with exact_float32(torch.device("cpu")):
         assert settings() == before
-    with pipeline.exact_float32(torch.device("cuda")):
+    with exact_float32(torch.device("cuda")):
         assert settings() == (False, False, False, True)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert settings() == before
@@ -265,30 +270,23 @@ def test_crash_inside_a_unit_then_resume_finishes(resnet, calib, tmp_path, devic
 def observed_unit_input(sim, unit, quantized: bool) -> torch.Tensor:
     """The value of `unit`'s input on 64 calibration images, in the quantized or the float model."""
     seen = {}
-    sim.mirror.observe(lambda name, value: seen.setdefault(name, value))
-    sim.mirror.set_quantization(quantized)
-    try:
+    with sim.mirror.observing(lambda name, value: seen.setdefault(name, value)), sim.mirror.quantization(quantized):
         with torch.no_grad():
             sim.mirror(torch.from_numpy(sim.data.inputs[:64]))
-    finally:
-        sim.mirror.observe(None)
-        sim.mirror.set_quantization(True)
     return seen[unit.unit.inputs[0]]
 
 
 def test_qdrop_unit_input_is_the_quantized_input_quantized_or_the_float_input(resnet, calib):
     """QDrop as published: each element entering a unit is Q(x_q), the quantized model's input
     quantized, or x_fp, the float model's input; never x_q unquantized nor Q(x_fp)."""
-    config = pipeline.QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=96)
+    config = QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=96)
     sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
     unit = sim.mirror.units[1]
     [quantizer] = unit.input_quantizers()
     assert quantizer.grid.bits == 4
     x_fp, x_q = observed_unit_input(sim, unit, False), observed_unit_input(sim, unit, True)
-    with torch.no_grad():
-        unit.set_quantization(False)
+    with torch.no_grad(), unit.quantization(False):
         target = unit(x_fp)
-        unit.set_quantization(True)
     data = UnitData([CachedTensor(x_q)], [CachedTensor(x_fp)], [CachedTensor(target)], [CachedTensor(target)])
     settings = ReconstructionSettings(method="qdrop", batch_size=64)
     start_training(unit, settings)
@@ -311,14 +309,13 @@ def test_qdrop_unit_input_is_the_quantized_input_quantized_or_the_float_input(re
 
 
 def test_unit_loss_measured_in_batches_equals_the_loss_of_one_batch(resnet, calib):
-    config = pipeline.QuantizeConfig(bits=4, method="brecq", modcap="off", num_calib=96)
+    config = QuantizeConfig(bits=4, method="brecq", modcap="off", num_calib=96)
     sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
     unit = sim.mirror.units[1]
     x_fp, x_q = observed_unit_input(sim, unit, False), observed_unit_input(sim, unit, True)
     with torch.no_grad():
-        unit.set_quantization(False)
-        target = unit(x_fp)
-        unit.set_quantization(True)
+        with unit.quantization(False):
+            target = unit(x_fp)
         whole = float(output_error(unit(x_q), [target]))
     batched = measure_loss(unit, [CachedTensor(x_q)], [CachedTensor(target)], torch.device("cpu"), batch_size=24)
     assert whole > 0

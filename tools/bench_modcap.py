@@ -39,7 +39,7 @@ from onnxmodcap.errors import Interrupted, RunFailed, UserError
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
-from onnxmodcap.pipeline import METHODS
+from onnxmodcap.config import METHODS
 from onnxmodcap.prepare import prepare
 
 
@@ -84,15 +84,15 @@ def measure(spec: dict, seed: int, args) -> dict:
                                      report=str(report))
         wall = time.monotonic() - started
         evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
-    recon = result.report.get("reconstruction", [])
-    losses = result.report.get("unit_losses", {})
+    recon = result.report.to_dict().get("reconstruction", [])
+    losses = result.report.to_dict().get("unit_losses", {})
     return {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
-            "weight_lr": result.report.get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
+            "weight_lr": result.report.to_dict().get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
             "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
             "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
             "oscillation": losses.get("oscillation"), "unit_losses_after": losses.get("after"),
-            "merged": result.report.get("modcap", {}).get("merged"),
+            "merged": result.report.to_dict().get("modcap", {}).get("merged"),
             "parity": result.validation.to_dict(), "code": code_state(),
             "threads": os.environ.get("OMP_NUM_THREADS"), "load_after": os.getloadavg()[0],
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

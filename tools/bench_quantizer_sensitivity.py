@@ -44,9 +44,8 @@ def main() -> None:
             batches = [sim.mirror(inputs[start:start + args.batch_size]) for start in range(0, len(inputs), args.batch_size)]
         return torch.cat([torch.cat([o.flatten(1) for o in batch], 1) for batch in batches]).double()
 
-    sim.mirror.set_quantization(False)
-    reference = outputs()
-    sim.mirror.set_quantization(True)
+    with sim.mirror.quantization(False):
+        reference = outputs()
 
     def sqnr() -> float:
         return float(10 * torch.log10(reference.square().mean() / (outputs() - reference).square().mean()))

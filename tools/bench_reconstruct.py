@@ -23,9 +23,13 @@ from pathlib import Path
 import torch
 
 from onnxmodcap.allocator import retained_memory
-from onnxmodcap.pipeline import QuantizeConfig, pdquant_inputs, simulate
-from onnxmodcap.reconstruct import (PRESETS, FloatRest, ReconstructionSettings, TensorCache, TensorStream, UnitData,
-                                    float_predictions, output_error, start_training, training_loss)
+from onnxmodcap.config import QuantizeConfig
+from onnxmodcap.pipeline import simulate
+from onnxmodcap.losses import output_error
+from onnxmodcap.pdquant import FloatRest, float_predictions, prediction_inputs
+from onnxmodcap.recipes import PRESETS, ReconstructionSettings
+from onnxmodcap.reconstruct import start_training, training_loss
+from onnxmodcap.tensor_cache import TensorCache, TensorStream, UnitData
 
 
 @dataclass
@@ -60,11 +64,11 @@ def float_step(unit, batch, targets):
     """One forward+backward of the float unit, gradients to its weights (and biases)."""
 
     def step():
-        unit.set_quantization(False)
         for parameter in unit.weights.values():
             parameter.requires_grad_(True)
             parameter.grad = None
-        output_error(unit(*batch), targets).backward()
+        with unit.quantization(False):
+            output_error(unit(*batch), targets).backward()
         for parameter in unit.weights.values():
             parameter.requires_grad_(False)
 
@@ -111,7 +115,7 @@ def run(args) -> None:
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
     stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
     if args.method == "pdquant":
-        prediction = pdquant_inputs(sim, sim.mirror, cpu, "kl")
+        prediction = prediction_inputs(sim.prepared, sim.mirror, cpu, "kl")
         predicted = float_predictions(prediction, sim.data.inputs, cache, cpu)
     print(f"{args.model.name}, W{config.weight_bits}A{config.activation_bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
@@ -130,7 +134,6 @@ def run(args) -> None:
         training = start_training(unit, settings)
 
         def iteration():
-            unit.set_quantization(True)
             training.step(training_loss(unit, data, settings, cpu, generator, training.weights,
                                         beta=10.0 if training.weights else None, predicts=rest is not None))
 
