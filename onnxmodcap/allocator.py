@@ -7,7 +7,7 @@ of tens to hundreds of MB, so in every step the kernel zero-fills them again pag
 EfficientNet-Lite1's first six units at 240x240 (batch 32, 2 threads) 42-59 % of the process's CPU
 time went to the kernel, and on one thread a depthwise 3x3 convolution's forward and backward on 32
 images of 32 channels at 120x120 took 394 ms with freed memory handed back against 86 ms with it
-kept (benchmarks_reconstruct.md).
+kept (docs/benchmarks/reconstruct.md, "Allocation churn").
 
 `retained_memory()` switches glibc to the heap only (no mapping per block), never trims it and
 keeps one arena for every thread, and afterwards returns glibc's documented defaults and hands the

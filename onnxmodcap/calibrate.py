@@ -14,7 +14,7 @@ import torch
 
 from .config import DEFAULT_NUM_CALIB
 from .datasets import Skipped, open_images, prepared_batches
-from .errors import UserError
+from .errors import UserError, first_line
 from .mirror import NetworkMirror
 from .plan import QuantPlan, activation_grid, weight_grid
 from .preprocess import Preprocessing
@@ -73,7 +73,7 @@ def read_tensor_file(path: Path) -> np.ndarray:
                     raise UserError(f"{path} must hold exactly one array of model inputs, found {len(archive.files)}")
                 array = archive[archive.files[0]]
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read calibration tensors {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read calibration tensors {path}: {first_line(err)}") from None
     if not np.issubdtype(array.dtype, np.floating):
         raise UserError(f"calibration tensors {path} must be floating point, got {array.dtype}")
     return np.ascontiguousarray(array, dtype=np.float32)

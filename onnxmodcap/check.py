@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto
 
 from .graph import WEIGHTED_OPS
-from .prepare import load_model
+from .load import load_model
 from .weights import Weights, tensor_value
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
 from .files import write_atomically
 from .quantizers import QuantizerSet
 
@@ -70,7 +71,7 @@ class Checkpointer:
             state = torch.load(state_path, weights_only=True)
             restore_quantizers(quantizers, state)
         except (ValueError, KeyError, RuntimeError, OSError) as err:
-            log.info("checkpoint in %s is corrupted (%s): discarded", self.folder, str(err).splitlines()[0])
+            log.info("checkpoint in %s is corrupted (%s): discarded", self.folder, first_line(err))
             return None
         log.info("resuming after unit %d from %s", index["completed"], self.folder)
         return Resumed(index["completed"], index["results"], state["rng/generator"], state["rng/torch"])

@@ -12,9 +12,16 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .config import DEFAULT_METHOD, DEFAULT_MODCAP
+from .config import (
+    DEFAULT_BATCH_SIZE, DEFAULT_BITS, DEFAULT_CACHE_GIB, DEFAULT_METHOD, DEFAULT_MODCAP, DEFAULT_NUM_CALIB, FORMATS,
+    INIT_METHODS, MAX_BITS, METHODS, MIN_BITS, MODCAP_MODES, PRESET_CHOICES, QUANTIZED_OP_TYPES, TARGETS,
+)
 from .errors import UserError, first_line
 from .progress import show_progress
+from .recipes import (
+    FAST_ITERS, LARGE_ACTIVATIONS, PAPER_ITERS, PRESETS, QUICK_ITERS, ReconstructionSettings, method_defaults,
+    network_defaults,
+)
 
 
 TRACEBACK_VARIABLE = "ONNXMODCAP_TRACEBACK"
@@ -171,88 +178,141 @@ def format_evaluation(result) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+# `quantize --help` lists its options in these sections, in this order; everyday ones first.
+QUANTIZE_SECTIONS = {
+    "Options": ("calib", "output", "bits", "wbits", "abits", "method", "modcap", "target", "preset", "device",
+                "report", "resume"),
+    "Input preprocessing (default: the model's metadata, else read from its input shape)": (
+        "input_size", "resize", "mean", "std", "scale", "color", "layout"),
+    "What gets quantized, and how it is stored": (
+        "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "num_calib", "fmt",
+        "reduce_range", "dynamic_batch"),
+    "Reconstruction, for experts (defaults: the published recipes, see docs/methods.md)": (
+        "iters", "modcap_k", "compare_granularity", "round_lambda", "round_lr", "pd_temperature", "pd_lambda",
+        "dc_lambda", "no_dc", "seed"),
+    "Resources": ("batch_size", "cache_mem", "work_dir", "provider"),
+}
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in the sections of `sections` (parameter names),
+    -h/--help at the end of the first, and any option no section names under "Other options"."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {param.name: param.get_help_record(ctx) for param in self.get_params(ctx)
+                   if isinstance(param, click.Option)}
+        listed = {name for names in self.sections.values() for name in names}
+        help_name = self.get_help_option(ctx).name
+        sections = {**self.sections, "Other options": tuple(name for name in records if name not in listed)}
+        first = next(iter(sections))
+        sections[first] = (*sections[first], help_name)
+        sections["Other options"] = tuple(name for name in sections["Other options"] if name != help_name)
+        for title, names in sections.items():
+            if any(name in records for name in names):
+                with formatter.section(title):
+                    formatter.write_dl([records[name] for name in names if name in records])
+
+
+def split_commas(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A repeatable option that also takes comma-separated values."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+SETTINGS = ReconstructionSettings()
+DEPTHWISE = network_defaults(depthwise=True)
+
+
+@main.command(cls=SectionedCommand, sections=QUANTIZE_SECTIONS)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--calib", required=True, type=click.Path(path_type=str),
-              help="Calibration images (folder of JPEG/PNG, any size), a .npz of uint8 images, "
+              help="Calibration images (a folder of images of any size), a .npz of uint8 images, "
                    "or a .npy/.npz of ready model inputs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
               help="Output file (default: MODEL_STEM.w{W}a{A}.onnx beside MODEL).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Bits for weights and activations (2..8).")
+@click.option("--bits", type=int, default=DEFAULT_BITS, show_default=True,
+              help=f"Bits for weights and activations ({MIN_BITS}..{MAX_BITS}).")
 @click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
 @click.option("--abits", type=int, help="Activation bits (overrides --bits).")
-@click.option("--method", type=click.Choice(["rtn", "brecq", "qdrop", "pdquant"]), default=DEFAULT_METHOD,
-              show_default=True,
-              help="rtn: round to nearest after scale initialisation. brecq: block reconstruction with "
-                   "AdaRound + LSQ. qdrop: brecq with random quantization drop. pdquant: qdrop plus the "
-                   "prediction difference and distribution correction.")
-@click.option("--modcap", type=click.Choice(["off", "data", "free"]),
-              help="Reconstruct the adjacent units that differ most in capacity jointly: data (measured "
-                   f"output error) or free (parameters x bits). Default: {DEFAULT_MODCAP} (always off with "
-                   "rtn).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="rtn: round to nearest. brecq: block reconstruction (AdaRound + LSQ). qdrop: brecq with "
+                   "random quantization drop. pdquant: qdrop plus prediction difference and distribution correction.")
+@click.option("--modcap", type=click.Choice(MODCAP_MODES),
+              help="Reconstruct the adjacent units that differ most in capacity jointly, by measured output "
+                   f"error (data) or parameters x bits (free). Default: {DEFAULT_MODCAP}.")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
+              help="ort: ONNX Runtime, asymmetric grids. tensorrt: zero point 0, INT8 only, Conv+Add fusable.")
+@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="auto", show_default=True,
+              help=f"Iterations per unit: paper ({PAPER_ITERS}, the published recipe), fast ({FAST_ITERS}), "
+                   f"quick ({QUICK_ITERS}); auto: paper on CUDA, else fast, or quick above "
+                   f"{LARGE_ACTIVATIONS / 1e6:g} million activation values per image (224x224 models).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where torch runs calibration and reconstruction.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the JSON report here (after reconstruction also a PNG of the unit losses beside it).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
+@click.option("--exclude-nodes", "--exclude", "exclude_nodes", multiple=True,
+              help="Regex of node names kept in float (repeatable).")
+@click.option("--exclude-op-types", multiple=True, callback=split_commas,
+              help=f"Op types kept in float, of {', '.join(QUANTIZED_OP_TYPES)} (repeatable or comma-separated).")
+@click.option("--overrides", type=click.Path(dir_okay=False, path_type=str),
+              help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
+@click.option("--no-keep-ends", is_flag=True,
+              help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {MAX_BITS} bits).")
+@click.option("--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp",
+              show_default=True, help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
+@click.option("--num-calib", type=int, help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
+              help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")
+@click.option("--reduce-range", is_flag=True,
+              help="ORT target: 8-bit weights on 7 bits' range (outside depthwise Convs) for ONNX Runtime's faster "
+                   "u8 x s8 kernels. Default: the full range in uint8, for its u8 x u8 kernels (the u8 x s8 ones "
+                   "saturate on x86 CPUs without VNNI).")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Write a model whose source fixes its batch size with a dynamic batch dimension instead.")
+@click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
 @click.option("--modcap-k", type=int, help="Adjacent pairs ModCap merges (default: about one per four blocks).")
 @click.option("--compare-granularity", is_flag=True,
               help="Also reconstruct without ModCap and report both loss curves (about twice the time).")
 @click.option("--round-lambda", type=float,
-              help="Weight of AdaRound's rounding loss (default 0.01, or 0.1 with depthwise convolutions).")
+              help=f"Weight of AdaRound's rounding loss (default {SETTINGS.round_lambda:g}, or "
+                   f"{DEPTHWISE['round_lambda']:g} with depthwise convolutions).")
 @click.option("--round-lr", type=float,
-              help="Adam's learning rate on AdaRound's rounding variables (default: 2e-2 with the fast preset; "
-                   "with the paper preset 1e-3, or 3e-3 with pdquant).")
+              help=f"Adam's rate on AdaRound's rounding variables (default: paper {SETTINGS.weight_lr:g}, "
+                   f"{method_defaults('pdquant')['weight_lr']:g} with pdquant; fast {PRESETS['fast']['weight_lr']:g}; "
+                   f"quick {PRESETS['quick']['weight_lr']:g}).")
 @click.option("--pd-temperature", type=float,
-              help="pdquant: KL temperature (default 4, or 1 for networks with depthwise convolutions).")
-@click.option("--pd-lambda", type=float, help="pdquant: lambda_r; the KL term is weighted 1/lambda_r (default 0.1).")
+              help=f"pdquant: KL temperature (default {SETTINGS.pd_temperature:g}, or {DEPTHWISE['pd_temperature']:g} "
+                   "with depthwise convolutions).")
+@click.option("--pd-lambda", type=float,
+              help=f"pdquant: lambda_r; the prediction difference is weighted 1/lambda_r (default {SETTINGS.pd_lambda:g}).")
 @click.option("--dc-lambda", type=float,
-              help="pdquant: lambda_c of distribution correction (default 0.02, or 0.005 with depthwise convolutions).")
+              help=f"pdquant: lambda_c of distribution correction (default {SETTINGS.dc_lambda:g}, or "
+                   f"{DEPTHWISE['dc_lambda']:g} with depthwise convolutions).")
 @click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction (ModCap groups never get it).")
-@click.option("--preset", type=click.Choice(["auto", "paper", "fast", "quick"]), default="auto", show_default=True,
-              help="Reconstruction settings: paper (the published 20k iterations per unit), fast (1k), quick (200), "
-                   "or auto (paper with --device cuda; on a CPU fast, or quick for large activations such as "
-                   "224x224 inputs).")
-@click.option("--iters", type=int, help="Reconstruction iterations per unit (overrides --preset).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice; one seed, one file.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Batch size of calibration and of reconstruction.")
+@click.option("--cache-mem", type=float, default=DEFAULT_CACHE_GIB, show_default=True,
+              help="GiB of unit inputs/outputs kept in memory during reconstruction; the rest spills to the work folder.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
-@click.option("--cache-mem", type=float, default=4.0, show_default=True,
-              help="GiB of cached unit inputs/outputs kept in memory during reconstruction; the rest "
-                   "spills to files in the work folder.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
-@click.option("--init", type=click.Choice(["lp", "minmax", "percentile"]), default="lp", show_default=True,
-              help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
-@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
-              help="ort: asymmetric grids allowed. tensorrt: zero point 0, INT8 containers, Conv+Add fusable.")
-@click.option("--reduce-range", is_flag=True,
-              help="ORT target: 8-bit weights on 7 bits' range (outside depthwise Convs) for ONNX Runtime's "
-                   "faster u8 x s8 kernels. Default: the full 8-bit range, stored in uint8 for its u8 x u8 "
-                   "kernels (the u8 x s8 ones saturate on x86 CPUs without VNNI).")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "native"]), default="qdq", show_default=True,
-              help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")
-@click.option("--no-keep-ends", is_flag=True, help="Quantize the first and last weighted layers to --bits too "
-                                                     "(default: they stay at 8 bits).")
-@click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
-@click.option("--overrides", type=click.Path(dir_okay=False, path_type=str),
-              help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
-@click.option("--num-calib", type=int, help="Calibration images to use (default: all, at most 1024).")
-@click.option("--batch-size", type=int, default=32, show_default=True,
-              help="Batch size of calibration and of reconstruction.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the JSON report here (and, after reconstruction, a PNG of the unit losses beside it).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where torch runs calibration (and reconstruction).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dynamic-batch", is_flag=True,
-              help="Write a model whose source fixes its batch size with a dynamic batch dimension instead.")
 @preprocessing_options
 @user_errors
-def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude, input_size, resize, mean, std, scale, color, layout,
-             **options):
+def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude_nodes, input_size, resize, mean, std, scale, color,
+             layout, **options):
     """Quantize MODEL with calibration data and write a QDQ ONNX model validated in ONNX Runtime."""
     from .pipeline import quantize as run_quantize
 
     preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
                   "color": color, "layout": layout}
-    result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, dc=not no_dc, exclude=tuple(exclude),
-                          preprocess=preprocess, **options)
+    result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, dc=not no_dc,
+                          exclude=exclude_nodes, preprocess=preprocess, **options)
     skipped = result.report.calibration.skipped
     for name, reason in skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .preprocess import Preprocessing
 
 # torchvision's ImageFolder extensions
@@ -153,7 +153,7 @@ class Skipped:
     entries: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, name: str, error: Exception) -> None:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         self.entries.append((name, reason))
 
     def __len__(self) -> int:

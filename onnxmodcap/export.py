@@ -24,7 +24,7 @@ ORT-target weights whose stored integers exceed 64 in magnitude (8-bit grids, 7-
 ones) are stored as uint8 holding x_int - z + 128 with zero point 128, except in depthwise Convs.
 ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI (MLAS's AVX2 and AVX512BW paths) add
 pairs of products in int16, which saturates above 64 x 255 x 2: a fused Conv then lands up to a
-hundred output steps away from the simulation (benchmarks_reliability.md). With uint8 weights ONNX
+hundred output steps away from the simulation (docs/benchmarks/reliability.md). With uint8 weights ONNX
 Runtime takes its u8 x u8 kernels, which widen every product to 32 bits, as its depthwise kernels
 do for int8 weights. The arithmetic is the same integers either way.
 
@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from . import __version__
 from .batch import set_batch_dim
-from .errors import UserError
+from .errors import UserError, first_line
 from .mirror import NetworkMirror
 from .graph import depthwise_weights, model_opset
 from .partition import float_layers
@@ -176,7 +176,7 @@ def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     try:
         converted = version_converter.convert_version(model, opset)
     except Exception as err:  # the converter raises plain RuntimeErrors for missing adapters
-        raise UserError(f"cannot raise the model from opset {current} to {opset}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot raise the model from opset {current} to {opset}: {first_line(err)}") from None
     return converted
 
 

@@ -78,7 +78,8 @@ def statistics_error(values: dict[str, torch.Tensor], targets: dict[str, tuple[t
 class ChannelMoments(torch.autograd.Function):
     """Mean and unbiased variance over the last axis of an images x channels x positions tensor:
     two reductions forward, one fused pass backward. torch's own var and its backward were the
-    largest item of distribution correction's time (benchmarks_modcap.md, round 4)."""
+    largest item of distribution correction's time (docs/benchmarks/modcap.md,
+    "torch's var was the largest cost of distribution correction")."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor):

@@ -125,7 +125,8 @@ def correct_distribution(float_unit: UnitMirror, float_inputs: list[CachedTensor
                          device: torch.device, cache: TensorCache) -> tuple[list[CachedTensor] | None, str]:
     """PD-Quant's distribution correction of the unit's float input, image by image. A ModCap group
     is left as it is: pulling one input toward the BN statistics of two or three units at once
-    moved it far enough to cost the shipped RegNetX 0.8 to 1.2 points (benchmarks_modcap.md, round 13)."""
+    moved it far enough to cost the shipped RegNetX 0.8 to 1.2 points (docs/benchmarks/modcap.md,
+    "Distribution correction on ModCap groups hurts RegNetX")."""
     if float_unit.unit.group_size > 1:
         return None, "skipped: a ModCap group"
     produced = {name for _, _, outputs in float_unit.calls for name in outputs}

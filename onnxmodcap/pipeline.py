@@ -55,7 +55,17 @@ def quantize(model: str | os.PathLike, calib: str | os.PathLike, **options) -> Q
     unknown = set(options) - set(QuantizeConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
-    return run(Path(model), Path(calib), QuantizeConfig(**options))
+    return run(Path(model), Path(calib), QuantizeConfig(**{name: plain(name, value) for name, value in options.items()}))
+
+
+def plain(name: str, value):
+    """An option as QuantizeConfig keeps it: a path as a string, a list (or one string) of patterns
+    or op types as a tuple."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if name in ("exclude", "exclude_op_types"):
+        return (value,) if isinstance(value, str) else tuple(value)
+    return value
 
 
 @dataclass

@@ -19,7 +19,7 @@ import onnx
 import yaml
 
 from .config import MAX_BITS, check_bits
-from .errors import UserError
+from .errors import UserError, first_line
 from .graph import depthwise_weights, is_weighted, weight_input_index
 from .quantizers import Grid
 
@@ -200,7 +200,7 @@ def read_overrides(path: str | Path) -> dict[str, LayerBits | None]:
     try:
         content = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError) as err:
-        raise UserError(f"overrides file {path} is not valid: {str(err).splitlines()[0]}") from None
+        raise UserError(f"overrides file {path} is not valid: {first_line(err)}") from None
     layers = content.get("layers") if isinstance(content, dict) else None
     if not isinstance(layers, dict):
         raise UserError(f"overrides file {path} must hold an object with a `layers` mapping")

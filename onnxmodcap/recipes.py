@@ -72,13 +72,15 @@ class ReconstructionSettings:
 
 PRESETS = {
     "paper": {},
-    # Measured on the shipped models: see benchmarks_methods.md for the accuracy it keeps,
-    # benchmarks_modcap.md round 6 for PD-Quant's pd_batch_size and pd_interval, and round 7 for
-    # the rounding variables' learning rate, raised so that iterations x rate stays as published
+    # Measured on the shipped models (docs/benchmarks/modcap.md): "The whole grid" for the accuracy
+    # it keeps, "PD-Quant's prediction difference runs on 8 images every fourth iteration" for
+    # pd_batch_size and pd_interval, and "The fast preset needs a rounding rate of 2e-2" for the
+    # rounding variables' learning rate, raised so that iterations x rate stays as published
     # (20 000 x 1e-3): at 1e-3, 1 000 iterations leave the rounding far from settled.
     "fast": {"iters": FAST_ITERS, "weight_lr": PAPER_WEIGHT_LR * PAPER_ITERS / FAST_ITERS, "pd_batch_size": 8, "pd_interval": 4},
-    # For a CPU and real resolution, where the fast preset takes about an hour for a 224x224
-    # network on 2 cores: benchmarks_reconstruct.md for the time and the fidelity it keeps.
+    # For a CPU and real resolution, where 1 000 iterations per unit of a 224x224 network take an
+    # hour or more on 2 cores: docs/benchmarks/reconstruct.md, "EfficientNet-Lite1 W4A8 side by
+    # side", for the time and the fidelity it keeps.
     "quick": {"iters": QUICK_ITERS, "weight_lr": PAPER_WEIGHT_LR * PAPER_ITERS / QUICK_ITERS, "pd_batch_size": 8,
               "pd_interval": 4},
 }
@@ -102,7 +104,8 @@ def drop_probability(settings: ReconstructionSettings, group_size: int) -> float
     each site, so that an element stays quantized across the whole group as often as across one
     unit (p = 0.5: 0.29 in a group of two, 0.21 in a group of three). With p itself at every site
     of a three-unit group, the group's output error at 2-bit activations ended well above
-    unit-by-unit reconstruction, and far apart from seed to seed (benchmarks_modcap.md, rounds 9 and 11)."""
+    unit-by-unit reconstruction, and far apart from seed to seed (docs/benchmarks/modcap.md, "QDrop
+    drops less inside a ModCap group")."""
     if not settings.drops:
         return 0.0
     return 1.0 - (1.0 - settings.drop_prob) ** (1.0 / group_size)
@@ -119,8 +122,8 @@ def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
 
 # Quantized activation values per image above which `--preset auto` on a CPU takes the quick preset:
 # the shipped 28x28 networks have 0.06-0.10 million, OpenNSFW (224x224) 8.8 million and
-# EfficientNet-Lite1 (240x240) 10.7 million, where the fast preset's 1 000 iterations per unit take
-# about an hour on 2 cores (benchmarks_reconstruct.md).
+# EfficientNet-Lite1 (240x240) 10.7 million (docs/benchmarks/reconstruct.md, "Activation values per
+# image"), where the quick preset's 200 iterations per unit already take 11 minutes on 2 cores.
 LARGE_ACTIVATIONS = 1_000_000
 
 

@@ -51,7 +51,7 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
         if tensorrt and session_provider(session) == "cpu":
             log.info(TENSORRT_NOTE)
     except Exception as err:  # onnxruntime raises its own exception types per failure kind
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise UserError(f"ONNX Runtime cannot load the model: {message}") from err
     finally:
         ort.set_default_logger_severity(2)

@@ -46,7 +46,7 @@ def image_layout(tensor: torch.Tensor) -> torch.Tensor:
     """Image-shaped (4-D) tensors in channels-last memory layout, the same values. At real
     resolution oneDNN runs a convolution's forward and backward faster in it: on 32 images of 32
     channels at 120x120, one thread, a depthwise 3x3 in 49 ms against 86 ms, a pointwise one in 38
-    against 70 (benchmarks_reconstruct.md). On 14x14 and 7x7 maps of a ResNet-50 it is 5-36 %
+    against 70 (docs/benchmarks/reconstruct.md, "Layout"). On 14x14 and 7x7 maps of a ResNet-50 it is 5-36 %
     slower; one layout for every unit keeps the data path simple."""
     return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 

@@ -1,14 +1,8 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-# Make `import zoo` work however pytest imports this file (with or without tests/__init__.py).
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
+import zoo  # tools/zoo.py: pytest puts tools/ on the import path (pyproject.toml)
 
 TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo", "dynamo_static")
 EXPORTERS = TORCH_EXPORTERS + ("paddle",)

@@ -1,6 +1,6 @@
 """retained_memory leaves an allocator that the user tuned through the environment alone. Its effect,
 freed activation memory reused without the kernel zero-filling it again, is measured by
-tools/bench_reconstruct.py (kernel share and page faults per unit, benchmarks_reconstruct.md): a
+tools/bench_reconstruct.py (kernel share and page faults per unit, docs/benchmarks/reconstruct.md): a
 test on a few large tensors in a fresh process faulted or not depending on where the kernel placed
 the heap, so it could not assert it reliably."""
 

@@ -99,3 +99,30 @@ def test_custom_domain_op(tmp_path):
     path = small_model(tmp_path / "m.onnx", [helper.make_node("Magic", ["y"], ["z"], domain="com.acme")],
                        [helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
     assert_one_error_line(run_cli("inspect", path), f"custom-domain ops are not supported in {path}: com.acme::Magic")
+
+
+def test_onnx_runtime_and_modelopt_spellings_and_the_old_ones_reach_the_same_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxmodcap import pipeline
+    from onnxmodcap.cli import main
+
+    received = []
+    monkeypatch.setattr(pipeline, "quantize", lambda model, calib, **options: received.append(options) or sys.exit(0))
+    model = small_model(tmp_path / "m.onnx")
+    for flags in (["--exclude-nodes", "conv", "--calibration-method", "minmax", "--exclude-op-types", "Gemm,MatMul"],
+                  ["--exclude", "conv", "--init", "minmax", "--exclude-op-types", "Gemm", "--exclude-op-types", "MatMul"]):
+        CliRunner().invoke(main, ["quantize", str(model), "--calib", str(tmp_path), *flags])
+    assert len(received) == 2 and received[0] == received[1]
+    assert (received[0]["exclude"], received[0]["init"], received[0]["exclude_op_types"]) == (
+        ("conv",), "minmax", ("Gemm", "MatMul"))
+
+
+def test_an_op_type_that_is_never_quantized_is_refused_in_one_line(tmp_path):
+    model = small_model(tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.zeros((8, 3, 4, 4), np.float32))
+    result = run_cli("quantize", model, "--calib", calib, "--exclude-op-types", "Relu", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr == "error: unknown --exclude-op-types value 'Relu': choose Conv, ConvTranspose, Gemm, MatMul\n"
+    assert not list(tmp_path.glob("m.w*"))

@@ -3,7 +3,7 @@ calibration image reader. Any input must give a result or a UserError (one clean
 another exception.
 
 The default run tries FUZZ_EXAMPLES inputs per strategy; `ONNXMODCAP_FUZZ_EXAMPLES=N pytest
-tests/test_fuzz.py` runs a longer campaign (benchmarks_reliability.md records the last one).
+tests/test_fuzz.py` runs a longer campaign (docs/benchmarks/reliability.md records the last one).
 """
 
 from __future__ import annotations

@@ -161,6 +161,20 @@ def test_first_and_last_layers_stay_8_bit_and_exclude_keeps_float(exported_model
     assert conv_weights and conv_weights <= float_initializers
 
 
+def test_exclude_op_types_keeps_every_layer_of_those_types_in_float(exported_model, calib_tensors, tmp_path):
+    """Paths given as pathlib objects and one op type given as a bare string work from Python too."""
+    path, _ = exported_model("resnet18", "legacy")
+    result = onnxmodcap.quantize(path, calib_tensors, method="rtn", bits=4, num_calib=CALIB, output=tmp_path / "q.onnx",
+                                 report=tmp_path / "q.json", exclude_op_types="Gemm")
+    assert_parity(result)
+    assert json.loads((tmp_path / "q.json").read_text())["config"]["exclude_op_types"] == ["Gemm"]
+    model = onnx.load(result.output)
+    quantized = {w["node"] for w in result.report.to_dict()["plan"]["weights"]}
+    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+    assert gemms and not gemms & quantized
+    assert any(n.op_type == "Conv" and n.name in quantized for n in model.graph.node)
+
+
 def test_overrides_file_sets_bits_by_regex(exported_model, calib_tensors, tmp_path):
     path, _ = exported_model("resnet18", "legacy")
     overrides = tmp_path / "bits.yaml"

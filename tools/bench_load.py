@@ -4,7 +4,7 @@ measure the peak resident memory and wall time of `onnxmodcap quantize`.
     OMP_NUM_THREADS=2 python tools/bench_load.py [--out /tmp/bench_load] [--images 1024] [--iters 20] [--modcap data]
                                                  [--device cpu|cuda]
 
-The network is the test zoo's bottleneck ResNet (tests/zoo.py) at width 64 with the ImageNet stem
+The network is the test zoo's bottleneck ResNet (tools/zoo.py) at width 64 with the ImageNet stem
 (7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool) and 1000 classes, random weights (seed 0),
 exported with torch's TorchScript exporter (opset 17) with its BatchNormalization nodes kept. The
 calibration images are smooth random colour fields saved as JPEG files of 224 to 320 pixels a side.
@@ -29,8 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import zoo  # noqa: E402
+import zoo
 
 INPUT_SHAPE = (3, 224, 224)
 

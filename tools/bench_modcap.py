@@ -3,7 +3,7 @@ oscillation of the per-unit losses, and wall times.
 
     OMP_NUM_THREADS=1 python tools/bench_modcap.py run --results /tmp/mc/a.jsonl --iters 200 --seeds 0 1 2 \
         --run mobilenetv2_x0_5:2:4:qdrop --run mobilenetv2_x0_5:2:4:qdrop:data ...
-    python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out benchmarks_modcap.md
+    python tools/bench_modcap.py render --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl --out docs/benchmarks/modcap.md
     python tools/bench_modcap.py oscillation --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
     python tools/bench_modcap.py grid --results /tmp/mc/a.jsonl /tmp/mc/b.jsonl
     python tools/bench_modcap.py compare --before /tmp/mc/old.jsonl --after /tmp/mc/new.jsonl
@@ -25,31 +25,30 @@ state from its own `git worktree`, with its own --results file).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import onnxmodcap
-from onnxmodcap.errors import Interrupted, RunFailed, UserError
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.modcap import oscillation, total_variation
 from onnxmodcap.partition import partition
 from onnxmodcap.config import METHODS
 from onnxmodcap.prepare import prepare
 
+from benchgrid import machine, parse_cell, read_records, run_cells, write_between
+
 
 TABLE_START, TABLE_END = "<!-- bench_modcap: table start -->", "<!-- bench_modcap: table end -->"
 
 
-def parse_run(text: str) -> dict:
-    model, wbits, abits, method, *rest = text.split(":")
-    return {"model": model, "wbits": int(wbits), "abits": int(abits), "method": method,
-            "modcap": rest[0] if rest else "off"}
+def parse_run(text: str, args) -> dict:
+    """A cell MODEL:WBITS:ABITS:METHOD[:MODCAP], with the run's iteration and rate settings."""
+    cell = parse_cell(text, ("model", "wbits", "abits", "method", "modcap"), {"modcap": "off"})
+    return {**cell, "wbits": int(cell["wbits"]), "abits": int(cell["abits"]), "iters": args.iters,
+            "round_lr": args.round_lr, "preset": args.preset}
 
 
 def key(record: dict) -> tuple:
@@ -57,23 +56,8 @@ def key(record: dict) -> tuple:
             record["iters"], record.get("round_lr"), record["seed"])
 
 
-def read_records(paths: list[Path], failed: bool = False) -> list[dict]:
-    """The measured runs in `paths`; with `failed`, also the runs that quantize refused (no top-1)."""
-    records = []
-    for path in paths:
-        if path.exists():
-            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if failed or "error" not in r]
-
-
-def code_state() -> str:
-    root = Path(onnxmodcap.__file__).resolve().parent.parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "onnxmodcap"], cwd=root, capture_output=True, text=True)
-    return head.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def measure(spec: dict, seed: int, args) -> dict:
+    """Quantize in this process and evaluate on the whole test set against the float model."""
     model = args.models / f"{spec['model']}.onnx"
     with tempfile.TemporaryDirectory() as folder:
         output, report = Path(folder) / "q.onnx", Path(folder) / "q.json"
@@ -86,38 +70,19 @@ def measure(spec: dict, seed: int, args) -> dict:
         evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
     recon = result.report.to_dict().get("reconstruction", [])
     losses = result.report.to_dict().get("unit_losses", {})
-    return {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
-            "weight_lr": result.report.to_dict().get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
+    return {"weight_lr": result.report.to_dict().get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
             "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
             "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
             "oscillation": losses.get("oscillation"), "unit_losses_after": losses.get("after"),
             "merged": result.report.to_dict().get("modcap", {}).get("merged"),
-            "parity": result.validation.to_dict(), "code": code_state(),
-            "threads": os.environ.get("OMP_NUM_THREADS"), "load_after": os.getloadavg()[0],
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "parity": result.validation.to_dict(), "threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_after": os.getloadavg()[0]}
 
 
 def run(args) -> None:
-    done = {key(r) for r in read_records([args.results], failed=True)}
-    for text in args.run:
-        for seed in args.seeds:
-            spec = parse_run(text)
-            if key({**spec, "iters": args.iters, "round_lr": args.round_lr, "seed": seed}) in done:
-                continue
-            print(f"{text} seed {seed}", flush=True)
-            try:
-                record = measure(spec, seed, args)
-                print(f"  top-1 {100 * record['top1']:.2f} %, {record['quantize_seconds']} s", flush=True)
-            except (Interrupted, RunFailed):
-                raise
-            except UserError as err:  # a refused run (a parity failure, say) is a result too
-                record = {**spec, "iters": args.iters, "round_lr": args.round_lr, "preset": args.preset, "seed": seed,
-                          "error": str(err), "code": code_state(),
-                          "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-                print(f"  failed: {err}", flush=True)
-            with args.results.open("a") as stream:
-                stream.write(json.dumps(record) + "\n")
+    cells = [parse_run(text, args) for text in args.run]
+    run_cells(cells, args.seeds, args.results, lambda cell, seed: measure(cell, seed, args), key)
 
 
 def render(args) -> None:
@@ -140,13 +105,10 @@ def render(args) -> None:
                      f"{oscillation} | {mean('quantize_seconds'):.0f} | {mean('reconstruction_seconds'):.0f} | "
                      f"{mean('correction_seconds'):.0f} | {merged} |")
     codes = sorted({r["code"] for r in records})
-    header = [f"Machine: {platform.node()}, {os.cpu_count()} cores; code: {', '.join(codes)}; "
+    header = [f"Machine: {machine()}; code: {', '.join(codes)}; "
               f"threads per run: {', '.join(sorted({str(r['threads']) for r in records}))}; "
               f"last run finished {max(r['finished'] for r in records)}.", ""]
-    table = "\n".join(header + lines)
-    text = args.out.read_text() if args.out.exists() else f"{TABLE_START}\n{TABLE_END}\n"
-    before, rest = text.split(TABLE_START, 1)
-    args.out.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+    write_between(args.out, TABLE_START, TABLE_END, "\n".join(header + lines))
 
 
 def without_modcap(record: dict) -> tuple:

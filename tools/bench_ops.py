@@ -1,8 +1,8 @@
 """Costs of the torch operations that shaped the reconstruction step (one thread; mean of 300 calls
 after 5 warm-up calls):
 
-    OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: BENCHMARKS.md, "Reconstruction iteration cost"
-    OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: benchmarks_reconstruct.md
+    OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: docs/benchmarks/shipped_models.md, "Reconstruction iteration cost"
+    OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: docs/benchmarks/reconstruct.md
 
 --real times forward + backward at the sizes of EfficientNet-Lite1's first blocks (batch 32, 240x240
 input): convolutions in NCHW against channels-last, and the ways to write a ReLU6 Clip, with freed

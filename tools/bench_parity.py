@@ -10,7 +10,7 @@ Cases (all by default):
   for calibration, the other 64 for parity;
 - chain: tools/bench_large_model.py's plain chain of 40 convolutions 1024 -> 1024 (no residuals, no
   BN; 1.5 GB of weights), RTN W4A4 with min-max initialisation, 64 of 128 random tensors;
-- zoo (not in the default run): every architecture of the test zoo (tests/zoo.py, 3x32x32, legacy
+- zoo (not in the default run): every architecture of the test zoo (tools/zoo.py, 3x32x32, legacy
   export) at W8A8, W4A8, W4A4 and W2A4, as `qdq` for ONNX Runtime, `qdq` for TensorRT and `native`:
   RTN, 96 random calibration tensors and 64 held-out ones, as tests/test_quantize.py quantizes them.
   12 architectures x 12 = 144 rows; the strict column says whether every image agrees within 1e-4 with the same top-1.
@@ -22,7 +22,6 @@ line. The last lines printed are a markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +30,9 @@ import numpy as np
 import onnxmodcap
 from onnxmodcap.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import bench_large_model  # noqa: E402
-import bench_load  # noqa: E402
-import zoo  # noqa: E402
+import bench_large_model
+import bench_load
+import zoo
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 

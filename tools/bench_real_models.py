@@ -32,11 +32,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from benchgrid import markdown_table, parse_cell, read_records, run_cells
 
 CALIB, PARITY, HELD_OUT = 128, 64, 256
 DET_THRESHOLD = 0.3
@@ -224,15 +225,14 @@ def noise_cell(args, name: str) -> dict:
     """The float model's fidelity to itself when every held-out input gets Gaussian noise of one grey
     level (seed 0): what the task metric tolerates on these inputs."""
     spec = MODELS[name]
-    return {"wall_s": 0, "peak_rss_mib": 0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **score_file(args, name, args.models / spec.file, noise=spec.grey_level)}
+    return {"wall_s": 0, "peak_rss_mib": 0, **score_file(args, name, args.models / spec.file, noise=spec.grey_level)}
 
 
 def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
     output = output_path(args.out, name, bits, quantizer)
     command = quantize_command(name, bits, quantizer, args.models, args.out, output)
     completed, wall, rss = timed(command, {**os.environ, "TQDM_DISABLE": "1"})
-    record = {"wall_s": wall, "peak_rss_mib": round(rss), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {"wall_s": wall, "peak_rss_mib": round(rss)}
     if completed.returncode != 0:
         errors = [line for line in completed.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
         return record | {"error": (errors or completed.stderr.strip().splitlines()[-2:-1] or ["?"])[-1][:300]}
@@ -240,20 +240,20 @@ def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
 
 
 def run(args) -> None:
-    for cell in args.cell:
-        name, bits, quantizer = cell.split(":")
-        record = {"model": name, "bits": bits, "quantizer": quantizer}
-        record |= noise_cell(args, name) if quantizer == "noise" else quantize_cell(args, name, bits, quantizer)
-        print(json.dumps(record), flush=True)
-        with open(args.out / "results.jsonl", "a") as stream:
-            stream.write(json.dumps(record) + "\n")
+    """Measure every cell again (the latest record of a cell is the one rendered)."""
+    def measure(cell: dict, seed: int) -> dict:
+        if cell["quantizer"] == "noise":
+            return noise_cell(args, cell["model"])
+        return quantize_cell(args, cell["model"], cell["bits"], cell["quantizer"])
+
+    cells = [parse_cell(text, ("model", "bits", "quantizer")) for text in args.cell]
+    run_cells(cells, [0], args.out / "results.jsonl", measure)
 
 
 def render(args) -> None:
-    records = [json.loads(line) for line in open(args.out / "results.jsonl")]
+    records = read_records([args.out / "results.jsonl"], failed=True)
     latest = {(r["model"], r["bits"], r["quantizer"]): r for r in records}
-    print("| model | W/A | quantizer | fidelity to float | SQNR dB | wall s | peak RSS MiB |")
-    print("|---|---|---|---|---:|---:|---:|")
+    rows = []
     for (model, bits, quantizer), r in sorted(latest.items()):
         if "error" in r:
             fidelity, sqnr = f"failed: {r['error']}", ""
@@ -266,10 +266,12 @@ def render(args) -> None:
                         f"{100 * r['position_agreement']:.2f} %")
             sqnr = r["sqnr_db"]
         if quantizer == "noise":
-            print(f"| {model} | float | input noise of one grey level | {fidelity} | {sqnr} | | |")
+            rows.append([model, "float", "input noise of one grey level", fidelity, sqnr, "", ""])
         else:
-            print(f"| {model} | {bits.upper()} | {quantizer} | {fidelity} | {sqnr} | {r['wall_s']:.0f} | "
-                  f"{r['peak_rss_mib']} |")
+            rows.append([model, bits.upper(), quantizer, fidelity, sqnr, f"{r['wall_s']:.0f}", r["peak_rss_mib"]])
+    table = markdown_table(["model", "W/A", "quantizer", "fidelity to float", "SQNR dB", "wall s", "peak RSS MiB"],
+                           rows, numeric=[False] * 4 + [True] * 3)
+    print(table)
 
 
 def main() -> None:

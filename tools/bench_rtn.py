@@ -51,7 +51,7 @@ from onnxmodcap.datasets import Skipped, open_images, prepared_batches
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.preprocess import preprocessing_for_onnx
 
-from bench_methods import cpu_model  # tools/ is on sys.path when a tool runs as a script
+from benchgrid import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## RTN baselines (issue 4)"
@@ -666,7 +666,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("models/fashion_mnist_test.npz"), help="labelled test set")
     parser.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     parser.add_argument("--num-calib", type=int, default=1024, help="calibration images (default 1024)")
-    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="markdown file to update")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/shipped_models.md"), help="markdown file to update")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="latency batch sizes")

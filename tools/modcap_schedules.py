@@ -11,16 +11,13 @@ capacities depend only on the weight shapes and strides, so the input size does 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import zoo  # noqa: E402
-
-from onnxmodcap.inspect_model import inspect_model  # noqa: E402
+import zoo
+from onnxmodcap.inspect_model import inspect_model
 
 PUBLISHED = {
     "ResNet-18": ("1, 2, (3, 3), (4, 4), 5, 6, 7, 8", lambda: zoo.ResNet(zoo.BasicBlock, [2, 2, 2, 2], 64)),
