@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from .graph import WEIGHTED_OPS
+from .config import QUANTIZED_OP_TYPES
 from .load import load_model
 from .weights import Weights, tensor_value
 
@@ -36,7 +36,7 @@ def check_tensorrt(path: str) -> list[Violation]:
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             violations += check_qdq_node(node, constants, loaded.weights)
-        if node.op_type in WEIGHTED_OPS:
+        if node.op_type in QUANTIZED_OP_TYPES:
             violations += check_weighted_node(node, constants, producer)
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         violations.append(Violation(model.graph.name or "graph", "no QuantizeLinear node: not a QDQ model"))

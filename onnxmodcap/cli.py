@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import (
-    DEFAULT_BATCH_SIZE, DEFAULT_BITS, DEFAULT_CACHE_GIB, DEFAULT_METHOD, DEFAULT_MODCAP, DEFAULT_NUM_CALIB, FORMATS,
-    INIT_METHODS, MAX_BITS, METHODS, MIN_BITS, MODCAP_MODES, PRESET_CHOICES, QUANTIZED_OP_TYPES, TARGETS,
+    DEFAULT_BATCH_SIZE, DEFAULT_BITS, DEFAULT_CACHE_GIB, DEFAULT_METHOD, DEFAULT_MODCAP, DEFAULT_NUM_CALIB, END_BITS,
+    FORMATS, INIT_METHODS, MAX_BITS, METHODS, MIN_BITS, MODCAP_MODES, PRESET_CHOICES, PROVIDER_CHOICES,
+    QUANTIZED_OP_TYPES, TARGETS,
 )
 from .errors import UserError, first_line
 from .progress import show_progress
@@ -144,7 +145,7 @@ def preprocessing_options(command):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use N images spread evenly over the data.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when it loads, else CPU.")
 @preprocessing_options
 @user_errors
@@ -242,7 +243,7 @@ DEPTHWISE = network_defaults(depthwise=True)
                    "random quantization drop. pdquant: qdrop plus prediction difference and distribution correction.")
 @click.option("--modcap", type=click.Choice(MODCAP_MODES),
               help="Reconstruct the adjacent units that differ most in capacity jointly, by measured output "
-                   f"error (data) or parameters x bits (free). Default: {DEFAULT_MODCAP}.")
+                   f"error (data) or parameters x bits (free). Default: {DEFAULT_MODCAP} (always off with rtn).")
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
               help="ort: ONNX Runtime, asymmetric grids. tensorrt: zero point 0, INT8 only, Conv+Add fusable.")
 @click.option("--preset", type=click.Choice(PRESET_CHOICES), default="auto", show_default=True,
@@ -261,7 +262,7 @@ DEPTHWISE = network_defaults(depthwise=True)
 @click.option("--overrides", type=click.Path(dir_okay=False, path_type=str),
               help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
 @click.option("--no-keep-ends", is_flag=True,
-              help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {MAX_BITS} bits).")
+              help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {END_BITS} bits).")
 @click.option("--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp",
               show_default=True, help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
 @click.option("--num-calib", type=int, help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
@@ -300,7 +301,7 @@ DEPTHWISE = network_defaults(depthwise=True)
               help="GiB of unit inputs/outputs kept in memory during reconstruction; the rest spills to the work folder.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
 @preprocessing_options
 @user_errors

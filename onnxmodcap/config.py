@@ -6,6 +6,7 @@ Torch-free (like recipes.py), so that `onnxmodcap --help` shows these defaults w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -21,8 +22,10 @@ MODCAP_MODES = ("off", "data", "free")
 PRESET_CHOICES = ("auto", *PRESETS)
 INIT_METHODS = ("lp", "minmax", "percentile")
 TARGETS = ("ort", "tensorrt")
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # ONNX Runtime's provider for validation and evaluation
 FORMATS = ("qdq", "native")
 MIN_BITS, MAX_BITS = 2, 8
+END_BITS = 8  # the first and last weighted layers, unless --no-keep-ends
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers whose weights get quantized
 DEFAULT_BITS = 4
 DEFAULT_BATCH_SIZE = 32
@@ -94,13 +97,18 @@ def check_options(config: QuantizeConfig) -> None:
     check_choice("initialisation", config.init, INIT_METHODS)
     check_choice("target", config.target, TARGETS)
     check_choice("format", config.format, FORMATS)
-    check_choice("--provider", config.provider, ("auto", "cpu", "cuda"))
+    check_choice("provider", config.provider, PROVIDER_CHOICES)
     if config.weight_bits is None or config.activation_bits is None:
         raise UserError("give --bits, or both --wbits and --abits")
     check_bits(config.weight_bits, "weight bits")
     check_bits(config.activation_bits, "activation bits")
     for op_type in config.exclude_op_types:
         check_choice("--exclude-op-types value", op_type, QUANTIZED_OP_TYPES)
+    for pattern in config.exclude:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"--exclude-nodes {pattern!r} is not a valid regex ({err})") from None
     if config.cache_mem < 0:
         raise UserError(f"--cache-mem must not be negative, got {config.cache_mem}")
     for name in ("modcap_k", "iters", "batch_size", "num_calib"):

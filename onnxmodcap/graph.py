@@ -63,12 +63,8 @@ def produced_tensors(model: onnx.ModelProto) -> set[str]:
     return {out for node in model.graph.node for out in node.output}
 
 
-# The op types whose constant weight input the tool quantizes per output channel.
-WEIGHTED_OPS = QUANTIZED_OP_TYPES
-
-
 def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
-    if node.op_type not in WEIGHTED_OPS:
+    if node.op_type not in QUANTIZED_OP_TYPES:  # Conv, ConvTranspose, Gemm, MatMul
         return False
     if node.op_type == "MatMul":
         return any(name in constants for name in node.input)

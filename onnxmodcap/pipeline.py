@@ -128,6 +128,7 @@ class Simulation:
 
 def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device: torch.device) -> Simulation:
     """prepare -> partition -> plan -> mirror -> calibrate: the quantized model before reconstruction."""
+    check_options(config)
     prepared = prepare(model_path, flags=config.preprocess)
     units = partition(prepared.model)
     plan = make_plan(prepared.model, PlanOptions(

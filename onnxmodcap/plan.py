@@ -18,12 +18,11 @@ from pathlib import Path
 import onnx
 import yaml
 
-from .config import MAX_BITS, check_bits
+from .config import END_BITS, MAX_BITS, check_bits
 from .errors import UserError, first_line
 from .graph import depthwise_weights, is_weighted, weight_input_index
 from .quantizers import Grid
 
-END_BITS = 8
 REDUCED_RANGE_BITS = 7
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .files import write_atomically
-from .report import UnitLosses
+
+if TYPE_CHECKING:
+    from .report import UnitLosses
 
 
 def plot_unit_losses(losses: UnitLosses, path: Path, title: str) -> None:

@@ -31,9 +31,21 @@ from .mirror import NetworkMirror, UnitMirror, as_tuple, switched
 from .pdquant import Prediction, float_predictions, prediction_data
 from .progress import progress_bar
 from .quantizers import QuantizerSet, keep_mask
-from .report import UnitResult
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
 from .tensor_cache import DEFAULT_CACHE_BYTES, TensorCache, TensorStream, UnitData, image_layout, read_after
+
+
+@dataclass
+class UnitResult:
+    """One unit's reconstruction: its output error on the loss images before and after training."""
+
+    name: str
+    loss_before: float
+    loss_after: float
+    iterations: int
+    seconds: float
+    distribution_correction: str = ""  # pdquant: what the correction did for this unit
+    correction_seconds: float = 0.0  # pdquant: time of the correction, not included in `seconds`
 
 
 def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,

@@ -9,20 +9,8 @@ from .config import QuantizeConfig
 from .partition import Unit
 from .plan import QuantPlan
 from .preprocess import Preprocessing
+from .reconstruct import UnitResult
 from .validate import Validation
-
-
-@dataclass
-class UnitResult:
-    """One unit's reconstruction: its output error on the loss images before and after training."""
-
-    name: str
-    loss_before: float
-    loss_after: float
-    iterations: int
-    seconds: float
-    distribution_correction: str = ""  # pdquant: what the correction did for this unit
-    correction_seconds: float = 0.0  # pdquant: time of the correction, not included in `seconds`
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .config import PROVIDER_CHOICES, check_choice
 from .errors import UserError, first_line
 
 # A TensorRT-target model keeps full-range int8 weights. ONNX Runtime's CPU int8 kernels on x86
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 QUANTIZATION_METADATA_KEY = "onnxmodcap.quantization"  # how onnxmodcap quantized a model (export.py)
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 # The CUDA provider computes float32 convolutions in TF32 unless told otherwise; the simulation does
-# not (pipeline.exact_float32), and TF32's 10-bit mantissas would move activations across their grid.
+# not (run_state.exact_float32), and TF32's 10-bit mantissas would move activations across their grid.
 PROVIDER_OPTIONS = {"cuda": {"use_tf32": "0"}, "cpu": {}}
 
 
@@ -30,8 +31,7 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     `auto` takes CUDA when onnxruntime can load it and falls back to CPU; the provider that
     actually runs is `session_provider(session)`.
     """
-    if provider not in ("auto", *PROVIDERS):
-        raise UserError(f"unknown provider {provider!r}: choose auto, cuda or cpu")
+    check_choice("provider", provider, PROVIDER_CHOICES)
     available = ort.get_available_providers()
     if provider == "cuda" and PROVIDERS["cuda"] not in available:
         raise UserError("--provider cuda requested but onnxruntime has no CUDA execution provider here")

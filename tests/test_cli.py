@@ -126,3 +126,14 @@ def test_an_op_type_that_is_never_quantized_is_refused_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr == "error: unknown --exclude-op-types value 'Relu': choose Conv, ConvTranspose, Gemm, MatMul\n"
     assert not list(tmp_path.glob("m.w*"))
+
+
+def test_a_node_pattern_that_is_not_a_regex_is_refused_in_one_line(tmp_path):
+    model = small_model(tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.zeros((8, 3, 4, 4), np.float32))
+    result = run_cli("quantize", model, "--calib", calib, "--exclude-nodes", "conv[", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr == ("error: --exclude-nodes 'conv[' is not a valid regex "
+                             "(unterminated character set at position 4)\n")
+    assert not list(tmp_path.glob("m.w*"))

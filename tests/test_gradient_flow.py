@@ -15,6 +15,7 @@ import torch
 
 import onnxmodcap
 from onnxmodcap import pipeline
+from onnxmodcap.config import QuantizeConfig
 from onnxmodcap.recipes import ReconstructionSettings
 from onnxmodcap.reconstruct import start_training, UnitTraining
 
@@ -100,7 +101,7 @@ def test_training_puts_every_activation_quantizer_of_a_unit_in_straight_through_
     """Every activation quantizer of the unit rounds straight-through and drops (QDrop), whatever
     its width; only step sizes below 8 bits are learned; `finish` returns all to plain quantization."""
     path, _ = exported_model("resnet18", "legacy")
-    config = pipeline.QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=32)
+    config = QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=32)
     sim = pipeline.simulate(Path(path), Path(calib), config, torch.device("cpu"))
     settings = ReconstructionSettings(method="qdrop")
     widths = set()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run (benchmarks_cuda.md holds the figures):
+# The checks that need a GPU, in one run (docs/benchmarks/cuda.md holds the figures):
 #   1. the parity, determinism and resume tests with the simulation and the reconstruction on CUDA
 #      (`pytest --device cuda`; ONNX Runtime runs the exported files on whichever provider loads);
 #   2. README's main command with --device cuda at the fast preset, twice with the same seed: the time,

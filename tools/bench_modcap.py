@@ -68,14 +68,14 @@ def measure(spec: dict, seed: int, args) -> dict:
                                      report=str(report))
         wall = time.monotonic() - started
         evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
-    recon = result.report.to_dict().get("reconstruction", [])
-    losses = result.report.to_dict().get("unit_losses", {})
-    return {"weight_lr": result.report.to_dict().get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
+    report = result.report.to_dict()
+    recon, losses = report.get("reconstruction", []), report.get("unit_losses", {})
+    return {"weight_lr": report.get("reconstruction_settings", {}).get("weight_lr"), "top1": evaluation.top1,
             "agreement": evaluation.agreement, "kl": evaluation.kl, "quantize_seconds": round(wall, 1),
             "reconstruction_seconds": round(sum(u["seconds"] for u in recon), 1),
             "correction_seconds": round(sum(u.get("correction_seconds", 0.0) for u in recon), 1),
             "oscillation": losses.get("oscillation"), "unit_losses_after": losses.get("after"),
-            "merged": result.report.to_dict().get("modcap", {}).get("merged"),
+            "merged": report.get("modcap", {}).get("merged"),
             "parity": result.validation.to_dict(), "threads": os.environ.get("OMP_NUM_THREADS"),
             "load_after": os.getloadavg()[0]}
 

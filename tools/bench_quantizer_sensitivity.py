@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from onnxmodcap import pipeline
+from onnxmodcap.config import QuantizeConfig
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
 
-    config = pipeline.QuantizeConfig(bits=args.bits, method="rtn", num_calib=args.num_calib,
+    config = QuantizeConfig(bits=args.bits, method="rtn", num_calib=args.num_calib,
                                      batch_size=args.batch_size, preprocess={"input_size": args.input_size})
     sim = pipeline.simulate(args.model, args.calib, config, torch.device("cpu"))
     inputs = torch.from_numpy(np.load(args.heldout)[:args.images])

@@ -7,7 +7,7 @@ For every unit, at the same batch size, it times (median of --steps after --warm
 - iteration: one reconstruction step as `onnxmodcap quantize --method ...` runs it (QDrop mixing,
   AdaRound soft rounding and rounding loss, LSQ step sizes, Adam updates; with pdquant also the
   prediction difference, --pd-batch-size images carried through the rest of the float network, in
-  every timed iteration: the fast preset adds it to every fourth one, see `reconstruct.PRESETS`).
+  every timed iteration: the fast preset adds it to every fourth one, see `recipes.PRESETS`).
 The two take turns step by step. It prints a markdown table with the ratio iteration / float.
 """
 

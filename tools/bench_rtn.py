@@ -48,6 +48,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import onnxmodcap
 from onnxmodcap.datasets import Skipped, open_images, prepared_batches
+from onnxmodcap.errors import first_line
 from onnxmodcap.evaluate import evaluate
 from onnxmodcap.preprocess import preprocessing_for_onnx
 
@@ -194,11 +195,6 @@ def ort_quantize(prepared: Path, batches: list[np.ndarray], variant: OrtVariant,
             calibrate_method=getattr(CalibrationMethod, variant.method),
             extra_options={"TensorQuantOverrides": overrides} if overrides else None,
         )
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------- latency and fused kernels

@@ -3,9 +3,10 @@ shipped models; bench_real_models.py: real pretrained models at real resolution)
 
 A benchmark is a list of cells, each given on the command line as a colon-separated spec
 (`resnet18:4:4:qdrop`, `open_nsfw:w8a8:rtn`). Each cell is measured once per seed and appended as
-one JSON line to a results file, with the code state and machine it ran on, so an interrupted
-benchmark continues where it stopped and several processes can fill separate files. Rendering
-writes a markdown table between two marker comments of a document and leaves the rest as it is.
+one JSON line to a results file, with the code state it ran on; several processes can fill
+separate files. Given a key, a cell already recorded is skipped, so an interrupted benchmark
+continues where it stopped; without one, every cell is measured again and the latest record counts.
+Rendering writes a markdown table between two marker comments of a document.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run_cells(cells: Sequence[dict], seeds: Sequence[int], results: Path, measur
             base = {**cell, "seed": seed}
             if key and key(base) in done:
                 continue
-            print(f"{':'.join(map(str, cell.values()))} seed {seed}", flush=True)
+            print(f"{':'.join(str(value) for value in cell.values() if value is not None)} seed {seed}", flush=True)
             try:
                 record = {**base, **measure(cell, seed)}
             except (Interrupted, RunFailed):
@@ -99,16 +100,6 @@ def machine() -> str:
     return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu_model()})"
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in ("onnxmodcap", "torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError as error:
-            found[name] = f"unavailable ({error})"
-    return found
-
-
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence], numeric: Sequence[bool] = ()) -> str:
     """A markdown table; columns flagged in `numeric` are right-aligned."""
     align = ["---:" if right else "---" for right in (*numeric, *[False] * (len(header) - len(numeric)))]
@@ -118,8 +109,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence], numeric: Seq
 
 
 def write_between(path: Path, start: str, end: str, text: str) -> None:
-    """Replace what lies between the marker lines `start` and `end` of `path` with `text`."""
-    document = path.read_text()
+    """Replace what lies between the marker lines `start` and `end` of `path` with `text` (a new
+    file holds just the markers and the text)."""
+    document = path.read_text() if path.exists() else f"{start}\n{end}\n"
     if start not in document or end not in document:
         raise SystemExit(f"{path} has no {start} ... {end} markers")
     before, rest = document.split(start, 1)

@@ -1,9 +1,9 @@
 """The data-free ModCap schedule of torchvision-shaped ResNet-18, ResNet-50 and MobileNetV2 graphs,
-next to the schedules the MRECG code hard-codes (README.md, "ModCap", compares them).
+next to the schedules the MRECG code hard-codes (docs/methods.md, "ModCap", compares them).
 
     python tools/modcap_schedules.py [--bits 4]
 
-The networks are the test zoo's builders (tests/zoo.py) at torchvision widths (ResNet base width
+The networks are the test zoo's builders (tools/zoo.py) at torchvision widths (ResNet base width
 64; MobileNetV2 x1.0 and x0.5), exported with torch's TorchScript exporter at 32x32. Block
 capacities depend only on the weight shapes and strides, so the input size does not change them.
 """
