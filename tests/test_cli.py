@@ -118,22 +118,15 @@ def test_onnx_runtime_and_modelopt_spellings_and_the_old_ones_reach_the_same_opt
         ("conv",), "minmax", ("Gemm", "MatMul"))
 
 
-def test_an_op_type_that_is_never_quantized_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--exclude-op-types", "Relu"], "unknown --exclude-op-types value 'Relu': choose Conv, ConvTranspose, Gemm, MatMul"),
+    (["--exclude-nodes", "conv["], "--exclude-nodes 'conv[' is not a valid regex (unterminated character set at position 4)"),
+])
+def test_layers_to_keep_in_float_that_cannot_match_are_refused_in_one_line(tmp_path, flags, message):
     model = small_model(tmp_path / "m.onnx")
     calib = tmp_path / "calib.npy"
     np.save(calib, np.zeros((8, 3, 4, 4), np.float32))
-    result = run_cli("quantize", model, "--calib", calib, "--exclude-op-types", "Relu", cwd=tmp_path)
+    result = run_cli("quantize", model, "--calib", calib, *flags, cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stderr == "error: unknown --exclude-op-types value 'Relu': choose Conv, ConvTranspose, Gemm, MatMul\n"
-    assert not list(tmp_path.glob("m.w*"))
-
-
-def test_a_node_pattern_that_is_not_a_regex_is_refused_in_one_line(tmp_path):
-    model = small_model(tmp_path / "m.onnx")
-    calib = tmp_path / "calib.npy"
-    np.save(calib, np.zeros((8, 3, 4, 4), np.float32))
-    result = run_cli("quantize", model, "--calib", calib, "--exclude-nodes", "conv[", cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stderr == ("error: --exclude-nodes 'conv[' is not a valid regex "
-                             "(unterminated character set at position 4)\n")
+    assert result.stderr == f"error: {message}\n"
     assert not list(tmp_path.glob("m.w*"))
