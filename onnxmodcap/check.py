@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 from onnx import TensorProto
 
 from .config import QUANTIZED_OP_TYPES
+from .graph import node_attributes
 from .load import load_model
 from .weights import Weights, tensor_value
 
@@ -71,7 +71,7 @@ def check_qdq_node(node, constants, weights: Weights) -> list[Violation]:
 
 def check_weighted_node(node, constants, producer) -> list[Violation]:
     found = []
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     for index, role in ((0, "input"), (1, "weight")):
         source = producer.get(node.input[index])
         if source is None or source.op_type != "DequantizeLinear":

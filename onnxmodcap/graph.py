@@ -72,12 +72,13 @@ def is_weighted(node: onnx.NodeProto, constants: set[str]) -> bool:
 
 
 def depthwise_weights(model: onnx.ModelProto) -> set[str]:
-    """The weights of Convs whose every group holds one input and one output channel."""
-    dims = {t.name: t.dims for t in model.graph.initializer}
+    """The weights of Convs whose every group holds one input and one output channel (the layers
+    ONNX Runtime runs with its depthwise kernels)."""
+    shapes = {t.name: t.dims for t in model.graph.initializer}
     found = set()
     for node in model.graph.node:
-        shape = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        group = node_attributes(node).get("group", 1)
         if shape is not None and group > 1 and shape[0] == group and shape[1] == 1:
             found.add(node.input[1])
     return found
@@ -91,7 +92,8 @@ def weight_input_index(node: onnx.NodeProto, constants: set[str]) -> int:
 
 
 def has_depthwise_conv(model) -> bool:
-    """A Conv with one input channel per group: the MobileNet family."""
+    """A Conv with one input channel per group, whatever its channel multiplier: the MobileNet
+    family, whose published recipes differ (recipes.network_defaults)."""
     shapes = {t.name: t.dims for t in model.graph.initializer}
     return any(node.op_type == "Conv" and node.input[1] in shapes and shapes[node.input[1]][1] == 1
                and node_attributes(node).get("group", 1) > 1 for node in model.graph.node)

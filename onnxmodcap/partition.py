@@ -86,12 +86,6 @@ class Segment:
         return self.weighted and self.branching and self.nodes[-1].op_type == "Mul"
 
 
-def weighted_layers(model: onnx.ModelProto) -> list[str]:
-    """Names of nodes whose weights get quantized: Conv, ConvTranspose, Gemm, MatMul on a constant."""
-    constants = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if is_weighted(n, constants)]
-
-
 def float_layers(model: onnx.ModelProto, quantized_weights) -> set[str]:
     """Weighted nodes whose weight is not quantized: they read their inputs in float."""
     constants = {t.name for t in model.graph.initializer}

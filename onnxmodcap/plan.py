@@ -20,7 +20,7 @@ import yaml
 
 from .config import END_BITS, MAX_BITS, check_bits
 from .errors import UserError, first_line
-from .graph import depthwise_weights, is_weighted, weight_input_index
+from .graph import depthwise_weights, is_weighted, node_attributes, weight_input_index
 from .quantizers import Grid
 
 REDUCED_RANGE_BITS = 7
@@ -137,7 +137,7 @@ def layer_bits(node: onnx.NodeProto, index: int, count: int, options: PlanOption
 
 
 def output_channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight_index: int) -> int | None:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
