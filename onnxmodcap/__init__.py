@@ -9,9 +9,14 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 def __getattr__(name: str):
-    # `onnxmodcap.quantize(...)` without importing torch for `onnxmodcap --version`.
+    # `onnxmodcap.quantize(...)` and `onnxmodcap.analyze(...)` without importing torch for
+    # `onnxmodcap --version`.
     if name == "quantize":
         from .pipeline import quantize
 
         return quantize
+    if name == "analyze":
+        from .sensitivity import analyze
+
+        return analyze
     raise AttributeError(f"module 'onnxmodcap' has no attribute {name!r}")

@@ -328,6 +328,39 @@ def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude_nodes, input_size, 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--calib", required=True, type=click.Path(path_type=str),
+              help="Calibration images, as for quantize; the first 256 are also the analysis images.")
+@click.option("--bits", type=int, default=DEFAULT_BITS, show_default=True,
+              help=f"Bits for weights and activations ({MIN_BITS}..{MAX_BITS}).")
+@click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
+@click.option("--abits", type=int, help="Activation bits (overrides --bits).")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
+              help="The target whose grids are analysed (as for quantize).")
+@click.option("--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp",
+              show_default=True, help="Scale initialisation (as for quantize).")
+@click.option("--num-calib", type=int, help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Rows of each ranking printed (the JSON report has them all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole analysis as one JSON object.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the JSON analysis here and a PNG chart of the layers beside it.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocessing_options
+@user_errors
+def analyze(model, calib, top, as_json, input_size, resize, mean, std, scale, color, layout, **options):
+    """Rank the layers and reconstruction units of MODEL by how much quantizing them costs."""
+    from .sensitivity import analyze as run_analysis
+
+    preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
+                  "color": color, "layout": layout}
+    analysis = run_analysis(model, calib, preprocess=preprocess, **options)
+    click.echo(json.dumps(analysis.to_dict(), indent=2) if as_json else analysis.table(top))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
 @user_errors
 def check(model, target):

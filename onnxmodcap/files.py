@@ -28,6 +28,17 @@ def current_umask() -> int:
     return mask
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse, before any work, a file whose folder is missing or not writable."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} folder does not exist: {folder}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # os.access says yes to root on a read-only mount
+    except OSError as err:
+        raise UserError(f"{what} folder is not writable: {folder} ({err.strerror})") from None
+
+
 def write_error(path: Path, err: OSError) -> UserError:
     return UserError(f"cannot write {path}: {err.strerror or err}")
 

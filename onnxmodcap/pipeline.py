@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +20,7 @@ from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_f
 from .config import QuantizeConfig, check_options
 from .errors import Interrupted, RunFailed, UserError, first_line
 from .export import export_qdq
-from .files import stage_model, write_atomically
+from .files import check_writable_folder, stage_model, write_atomically
 from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs
 from .losses import LOSS_IMAGES, unit_errors
 from .mirror import NetworkMirror
@@ -283,13 +282,9 @@ def output_path(model_path: Path, config: QuantizeConfig) -> Path:
         model_path.with_name(f"{model_path.stem}.w{config.weight_bits}a{config.activation_bits}.onnx")
     if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
         raise UserError(f"the output path is the input model: {output}")
-    folder = output.parent
-    if not folder.is_dir():
-        raise UserError(f"output folder does not exist: {folder}")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()  # os.access says yes to root on a read-only mount
-    except OSError as err:
-        raise UserError(f"output folder is not writable: {folder} ({err.strerror})") from None
+    check_writable_folder(output, "output")
+    if config.report:
+        check_writable_folder(Path(config.report), "report")
     return output
 
 

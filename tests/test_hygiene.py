@@ -13,7 +13,7 @@ import torch
 import onnxmodcap
 
 IMPORTS = ("onnxmodcap", "onnxmodcap.cli", "onnxmodcap.pipeline", "onnxmodcap.datasets", "onnxmodcap.plot",
-           "onnxmodcap.evaluate", "onnxmodcap.runtime")
+           "onnxmodcap.evaluate", "onnxmodcap.runtime", "onnxmodcap.sensitivity")
 
 
 def test_importing_the_package_changes_no_global_state():
