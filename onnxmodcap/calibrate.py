@@ -16,7 +16,7 @@ from .config import DEFAULT_NUM_CALIB
 from .datasets import Skipped, open_images, prepared_batches
 from .errors import UserError, first_line
 from .mirror import NetworkMirror
-from .plan import QuantPlan, activation_grid, weight_grid
+from .plan import QuantPlan, WeightPlan, activation_grid, weight_grid
 from .preprocess import Preprocessing
 from .progress import progress_bar
 from .quantizers import BiasQuantizer, Quantizer, QuantizerSet
@@ -138,19 +138,24 @@ def collect_activation_stats(mirror: NetworkMirror, plan: QuantPlan, inputs: np.
     return stats
 
 
+def weight_quantizer(weight: torch.Tensor, spec: WeightPlan, bits: int, plan: QuantPlan, method: str) -> Quantizer:
+    """The quantizer of one layer's weights on a `bits` grid, initialised by `method`."""
+    weight = weight.detach()
+    axis = spec.axis if spec.axis is not None else 0
+    rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1) if spec.axis is not None else weight.reshape(1, -1)
+    quantizer = Quantizer(weight_grid(plan.target, bits, spec.depthwise, plan.reduce_range), rows.shape[0],
+                          spec.axis).to(weight.device)
+    quantizer.initialise(rows, method)
+    return quantizer
+
+
 def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, ActivationStats],
                      method: str) -> QuantizerSet:
     """Quantizers with scales and zero points initialised by `method` (lp, minmax or percentile)."""
     weights_by_name = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
-    weights = {}
-    for spec in progress_bar(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer", leave=False):
-        weight = weights_by_name[spec.tensor].detach()
-        axis = spec.axis if spec.axis is not None else 0
-        rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1) if spec.axis is not None else weight.reshape(1, -1)
-        grid = weight_grid(plan.target, spec.bits, spec.depthwise, plan.reduce_range)
-        quantizer = Quantizer(grid, rows.shape[0], spec.axis).to(weight.device)
-        quantizer.initialise(rows, method)
-        weights[spec.tensor] = quantizer
+    weights = {spec.tensor: weight_quantizer(weights_by_name[spec.tensor], spec, spec.bits, plan, method)
+               for spec in progress_bar(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer",
+                                        leave=False)}
     activations = {}
     for spec in plan.activations:
         observed = stats[spec.tensor]

@@ -14,8 +14,8 @@ from tqdm import tqdm
 from . import __version__
 from .config import (
     DEFAULT_BATCH_SIZE, DEFAULT_BITS, DEFAULT_CACHE_GIB, DEFAULT_METHOD, DEFAULT_MODCAP, DEFAULT_NUM_CALIB, END_BITS,
-    FORMATS, INIT_METHODS, MAX_BITS, METHODS, MIN_BITS, MODCAP_MODES, PRESET_CHOICES, PROVIDER_CHOICES,
-    QUANTIZED_OP_TYPES, TARGETS,
+    FORMATS, INIT_METHODS, MAX_BITS, METHODS, MIN_BITS, MIXED_PRECISION_WIDTHS, MODCAP_MODES, PRESET_CHOICES,
+    PROVIDER_CHOICES, QUANTIZED_OP_TYPES, TARGETS,
 )
 from .errors import UserError, first_line
 from .progress import show_progress
@@ -186,7 +186,7 @@ QUANTIZE_SECTIONS = {
     "Input preprocessing (default: the model's metadata, else read from its input shape)": (
         "input_size", "resize", "mean", "std", "scale", "color", "layout"),
     "What gets quantized, and how it is stored": (
-        "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "num_calib", "fmt",
+        "mixed_precision", "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "num_calib", "fmt",
         "reduce_range", "dynamic_batch"),
     "Reconstruction, for experts (defaults: the published recipes, see docs/methods.md)": (
         "iters", "modcap_k", "compare_granularity", "round_lambda", "round_lr", "pd_temperature", "pd_lambda",
@@ -255,6 +255,10 @@ DEPTHWISE = network_defaults(depthwise=True)
 @click.option("--report", type=click.Path(dir_okay=False, path_type=str),
               help="Write the JSON report here (after reconstruction also a PNG of the unit losses beside it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
+@click.option("--mixed-precision", metavar="BUDGET",
+              help="Per-layer weight widths from " + ",".join(map(str, MIXED_PRECISION_WIDTHS)) + " that fit BUDGET, average "
+                   "weight bits (e.g. 4.5) or a weight size with its unit (e.g. 3MB), chosen by measured "
+                   "sensitivity; --abits, --overrides and the kept ends still hold.")
 @click.option("--exclude-nodes", "--exclude", "exclude_nodes", multiple=True,
               help="Regex of node names kept in float (repeatable).")
 @click.option("--exclude-op-types", multiple=True, callback=split_commas,

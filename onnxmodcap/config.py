@@ -30,6 +30,8 @@ QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers w
 DEFAULT_BITS = 4
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CACHE_GIB = 4.0
+MIXED_PRECISION_WIDTHS = (2, 3, 4, 6, 8)  # the weight widths --mixed-precision chooses from
+SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 DEFAULT_NUM_CALIB = 1024  # calibration images used when --num-calib is not given (all, up to this)
 
 
@@ -71,6 +73,7 @@ class QuantizeConfig:
     pd_lambda: float | None = None
     dc_lambda: float | None = None
     dc: bool = True
+    mixed_precision: str | None = None  # a weight budget: average bits ("4.5") or a size ("3MB")
     preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
 
     @property
@@ -109,6 +112,8 @@ def check_options(config: QuantizeConfig) -> None:
             re.compile(pattern)
         except re.error as err:
             raise UserError(f"--exclude-nodes {pattern!r} is not a valid regex ({err})") from None
+    if config.mixed_precision is not None:
+        parse_budget(config.mixed_precision)
     if config.cache_mem < 0:
         raise UserError(f"--cache-mem must not be negative, got {config.cache_mem}")
     for name in ("modcap_k", "iters", "batch_size", "num_calib"):
@@ -130,6 +135,34 @@ def check_options(config: QuantizeConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but torch sees no CUDA device")
+
+
+@dataclass(frozen=True)
+class Budget:
+    text: str  # as given
+    average_bits: float | None = None
+    size_bytes: float | None = None
+
+    def bits(self, parameters: int) -> float:
+        """The budget in weight bits for `parameters` quantized weights."""
+        return self.average_bits * parameters if self.average_bits is not None else self.size_bytes * 8
+
+
+def parse_budget(text: str) -> Budget:
+    """`4.5` (average weight bits, 2 to 8) or a size with its unit (`3MB`, `2.5 MiB`, `800kB`)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match:
+        raise UserError(f"--mixed-precision {text!r}: give average weight bits (e.g. 4.5) or a weight size with "
+                        "its unit (e.g. 3MB)")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if not unit:
+        if not 2 <= value <= 8:
+            raise UserError(f"--mixed-precision {text}: average weight bits must be between 2 and 8; for a size, "
+                            "give its unit (e.g. 3MB)")
+        return Budget(text, average_bits=value)
+    if unit not in SIZE_UNITS:
+        raise UserError(f"--mixed-precision {text!r}: unknown unit {match.group(2)!r}: use B, kB, MB, GB, KiB, MiB or GiB")
+    return Budget(text, size_bytes=value * SIZE_UNITS[unit])
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

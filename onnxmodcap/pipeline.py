@@ -13,17 +13,19 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
-from .config import QuantizeConfig, check_options
+from .config import QuantizeConfig, check_options, parse_budget
 from .errors import Interrupted, RunFailed, UserError, first_line
 from .export import export_qdq
 from .files import check_writable_folder, stage_model, write_atomically
 from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs
 from .losses import LOSS_IMAGES, unit_errors
 from .mirror import NetworkMirror
+from .mixed_precision import SEARCH_IMAGES, MixedPrecision, choose_widths
 from .modcap import Schedule, choose_groups, data_capacities, data_free_capacities, default_pairs, merge_units, oscillation
 from .partition import Unit, partition
 from .pdquant import PREDICTION_OBJECTIVES, distribution_correction, prediction_inputs, prediction_objective
@@ -105,7 +107,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
     report = RunReport(
         str(model_path), str(context.output), context.config, sim.preprocessing, sim.prepared.notes, sim.units,
         sim.plan, CalibrationSummary(len(sim.data.inputs), sim.data.skipped), reconstruction, validation,
-        round(time.monotonic() - context.started, 2), context.stage_seconds)
+        round(time.monotonic() - context.started, 2), context.stage_seconds, sim.mixed_precision)
     write_report(report)
     return QuantizeResult(context.output, report, validation)
 
@@ -123,6 +125,7 @@ class Simulation:
     data: CalibrationData
     preprocessing: Preprocessing
     activation_elements: int  # quantized activation values per image
+    mixed_precision: MixedPrecision | None = None  # the widths --mixed-precision chose
 
 
 def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device: torch.device) -> Simulation:
@@ -130,12 +133,13 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     check_options(config)
     prepared = prepare(model_path, flags=config.preprocess)
     units = partition(prepared.model)
-    plan = make_plan(prepared.model, PlanOptions(
+    options = PlanOptions(
         wbits=config.weight_bits, abits=config.activation_bits, target=config.target,
         reduce_range=config.reduce_range, keep_ends=config.keep_ends, exclude=config.exclude,
         exclude_op_types=config.exclude_op_types,
         overrides=read_overrides(config.overrides) if config.overrides else {},
-    ))
+    )
+    plan = make_plan(prepared.model, options)
     mirror = NetworkMirror(prepared, units).eval().to(device)
     preprocessing = preprocessing_for_onnx(prepared.model, config.preprocess)
     input_shape = graph_input_shape(prepared.model)
@@ -145,9 +149,21 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
     quantizers = build_quantizers(mirror, plan, stats, config.init)
     mirror.attach(quantizers)
+    mixed = None
+    if config.mixed_precision:
+        mixed = choose_widths(parse_budget(config.mixed_precision), plan, mirror, quantizers,
+                              data.inputs[:SEARCH_IMAGES], parameter_counts(prepared.model), config.init, device)
+        options = replace(options, overrides={**options.overrides, **mixed.overrides(config.activation_bits)})
+        plan = make_plan(prepared.model, options)
+        quantizers = build_quantizers(mirror, plan, stats, config.init)
+        mirror.attach(quantizers)
     mirror.to(device)
     return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing,
-                      sum(s.elements_per_image for s in stats.values()))
+                      sum(s.elements_per_image for s in stats.values()), mixed)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    return {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
 
 
 def reconstruct_stage(context: RunContext, sim: Simulation) \
@@ -246,6 +262,7 @@ def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMir
             "method": config.method, "preset": config.preset, "iters": config.iters,
             "wbits": config.weight_bits, "abits": config.activation_bits, "modcap": config.granularity,
             "init": config.init, "calibration_images": len(sim.data.inputs), "seed": config.seed,
+            **({"mixed_precision": sim.mixed_precision.to_dict()} if sim.mixed_precision else {}),
         }, dynamic_batch=config.dynamic_batch)
     with stage_model(exported, weights, context.output, external_data=sim.prepared.external_data) as staged:
         with context.stage("validation"):

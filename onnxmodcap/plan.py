@@ -53,6 +53,7 @@ class WeightPlan:
     input: str  # the activation tensor the layer multiplies with the weight
     bias: str | None  # a bias initializer simulated on the int32 grid of input scale x weight scale
     depthwise: bool  # a Conv whose every group holds one input and one output channel
+    pinned: bool = False  # widths from --overrides or the kept ends, not --wbits: mixed precision keeps them
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
     layers = [n for n in model.graph.node if is_weighted(n, constants)]
     if not layers:
         raise UserError("the model has no weighted layers (Conv, ConvTranspose, Gemm, MatMul with constant weights)")
-    chosen = {n.name: layer_bits(n, i, len(layers), options) for i, n in enumerate(layers)}
+    sources = {n.name: layer_bits(n, i, len(layers), options) for i, n in enumerate(layers)}
+    chosen = {name: bits for name, (bits, _) in sources.items()}
     depthwise = depthwise_weights(model)
     weights, activation_bits, consumers = [], {}, {}
     for node in layers:
@@ -112,6 +114,7 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
             node=node.name, tensor=node.input[weight_index],
             axis=output_channel_axis(node, model, weight_index), bits=bits.wbits, input=data,
             bias=bias_input(node, constants), depthwise=node.input[weight_index] in depthwise,
+            pinned=sources[node.name][1] != "default",
         ))
         activation_bits[data] = max(activation_bits.get(data, 0), bits.abits)
         consumers.setdefault(data, []).append(node.name)
@@ -124,16 +127,17 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions) -> QuantPlan:
     return QuantPlan(options.target, options.reduce_range, weights, activations)
 
 
-def layer_bits(node: onnx.NodeProto, index: int, count: int, options: PlanOptions) -> LayerBits | None:
-    """The widths of the index-th of `count` weighted layers; None keeps it in float."""
+def layer_bits(node: onnx.NodeProto, index: int, count: int, options: PlanOptions) -> tuple[LayerBits | None, str]:
+    """The widths of the index-th of `count` weighted layers (None keeps it in float) and where they
+    come from: "excluded", "override", "end" or "default" (--wbits and --abits)."""
     if node.op_type in options.exclude_op_types or any(re.fullmatch(p, node.name) for p in options.exclude):
-        return None
+        return None, "excluded"
     for pattern, bits in options.overrides.items():
         if re.fullmatch(pattern, node.name):
-            return bits
+            return bits, "override"
     if options.keep_ends and index in (0, count - 1):
-        return LayerBits(END_BITS, END_BITS)
-    return LayerBits(options.wbits, options.abits)
+        return LayerBits(END_BITS, END_BITS), "end"
+    return LayerBits(options.wbits, options.abits), "default"
 
 
 def output_channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight_index: int) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .config import QuantizeConfig
+from .mixed_precision import MixedPrecision
 from .partition import Unit
 from .plan import QuantPlan
 from .preprocess import Preprocessing
@@ -75,6 +76,7 @@ class RunReport:
     validation: Validation
     seconds: float
     stage_seconds: dict[str, float]
+    mixed_precision: MixedPrecision | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -84,4 +86,5 @@ class RunReport:
             "calibration": asdict(self.calibration),
             **(self.reconstruction.to_dict() if self.reconstruction else {}),
             "validation": self.validation.to_dict(), "seconds": self.seconds, "stage_seconds": self.stage_seconds,
+            **({"mixed_precision": self.mixed_precision.to_dict()} if self.mixed_precision else {}),
         }
