@@ -1,0 +1,104 @@
+"""Mixed precision against uniform widths at the same weight size, on the shipped models.
+
+    python tools/bench_mixed_precision.py run --results mixed.jsonl \\
+        --run resnet18:3:4:rtn --run resnet18:4:4:rtn --run mobilenetv2_x0_5:3:4:rtn ...
+    python tools/bench_mixed_precision.py render --results mixed.jsonl
+
+A cell is MODEL:WBITS:ABITS:METHOD (MODEL: a stem in --models). For each cell and seed it
+quantizes the model with uniform weight widths (`--wbits WBITS`, first and last layers at 8 bits),
+measures the written model's average weight bits, quantizes it again with `--mixed-precision` at
+that average (rounded down to 4 decimals; same method, activations and seed), and evaluates both
+on the whole test set against the float model. One JSON line per cell and seed goes to --results;
+cells already there are skipped. The times are of the quantize calls alone; the mixed one includes
+the width search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxmodcap
+from onnxmodcap.evaluate import evaluate
+
+from benchgrid import markdown_table, parse_cell, read_records, run_cells
+
+
+def average_weight_bits(result) -> float:
+    """The written model's weight bits per quantized weight, from its plan and stored tensors."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in onnx.load(result.output).graph.initializer}
+    weights = [(sizes[f"{w.tensor}_quantized"], w.bits) for w in result.report.plan.weights]
+    return sum(size * bits for size, bits in weights) / sum(size for size, _ in weights)
+
+
+def measure(cell: dict, seed: int, args) -> dict:
+    model = args.models / f"{cell['model']}.onnx"
+    options = dict(abits=int(cell["abits"]), method=cell["method"], seed=seed, num_calib=args.num_calib)
+    record = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, extra in (("uniform", {"wbits": int(cell["wbits"])}), ("mixed", None)):
+            if extra is None:
+                extra = {"mixed_precision": f"{math.floor(record['uniform_bits'] * 1e4) / 1e4:.4f}"}
+            output = Path(folder) / f"{name}.onnx"
+            started = time.monotonic()
+            result = onnxmodcap.quantize(model, args.calib, output=output, **options, **extra)
+            seconds = time.monotonic() - started
+            evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
+            record |= {f"{name}_bits": average_weight_bits(result), f"{name}_top1": evaluation.top1,
+                       f"{name}_agreement": evaluation.agreement, f"{name}_kl": evaluation.kl,
+                       f"{name}_sqnr_db": result.validation.fidelity[0].sqnr_db, f"{name}_seconds": round(seconds, 1)}
+            if name == "mixed":
+                record["widths"] = result.report.mixed_precision.widths
+    return record
+
+
+def run(args) -> None:
+    cells = [parse_cell(text, ("model", "wbits", "abits", "method")) for text in args.run]
+    run_cells(cells, args.seeds, args.results, lambda cell, seed: measure(cell, seed, args),
+              key=lambda r: (r["model"], r["wbits"], r["abits"], r["method"], r["seed"]))
+
+
+def render(args) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for record in read_records(args.results):
+        groups.setdefault((record["model"], record["wbits"], record["abits"], record["method"]), []).append(record)
+    rows = []
+    for (model, wbits, abits, method), records in sorted(groups.items()):
+        mean = lambda field: statistics.fmean(r[field] for r in records)  # noqa: E731
+        rows.append([model, f"W{wbits}A{abits}", method, len(records), f"{mean('uniform_bits'):.3f}",
+                     f"{mean('mixed_bits'):.3f}", f"{100 * mean('uniform_top1'):.2f}", f"{100 * mean('mixed_top1'):.2f}",
+                     f"{100 * (mean('mixed_top1') - mean('uniform_top1')):+.2f}",
+                     f"{100 * mean('uniform_agreement'):.2f}", f"{100 * mean('mixed_agreement'):.2f}",
+                     f"{mean('uniform_sqnr_db'):.1f} / {mean('mixed_sqnr_db'):.1f}",
+                     f"{mean('uniform_seconds'):.0f} / {mean('mixed_seconds'):.0f}"])
+    print(markdown_table(["model", "uniform W/A", "method", "seeds", "uniform bits", "mixed bits", "uniform top-1 %",
+                          "mixed top-1 %", "Δ", "uniform agreement %", "mixed agreement %", "SQNR dB uniform / mixed",
+                          "quantize s uniform / mixed"], rows, numeric=[False] * 3 + [True] * 10))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    runner = commands.add_parser("run")
+    runner.add_argument("--run", action="append", required=True, help="MODEL:WBITS:ABITS:METHOD (repeatable)")
+    runner.add_argument("--results", type=Path, required=True)
+    runner.add_argument("--seeds", type=int, nargs="+", default=[0])
+    runner.add_argument("--num-calib", type=int, default=None)
+    runner.add_argument("--models", type=Path, default=Path("models"))
+    runner.add_argument("--calib", type=Path, default=Path("models/calib"))
+    runner.add_argument("--data", type=Path, default=Path("models/fashion_mnist_test.npz"))
+    table = commands.add_parser("render")
+    table.add_argument("--results", type=Path, nargs="+", required=True)
+    args = parser.parse_args()
+    {"run": run, "render": render}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
