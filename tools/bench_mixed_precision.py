@@ -3,6 +3,7 @@
     python tools/bench_mixed_precision.py run --results mixed.jsonl \\
         --run resnet18:3:4:rtn --run resnet18:4:4:rtn --run mobilenetv2_x0_5:3:4:rtn ...
     python tools/bench_mixed_precision.py render --results mixed.jsonl
+    python tools/bench_mixed_precision.py units --model resnet18 --wbits 4 --abits 4 --method qdrop
 
 A cell is MODEL:WBITS:ABITS:METHOD (MODEL: a stem in --models). For each cell and seed it
 quantizes the model with uniform weight widths (`--wbits WBITS`, first and last layers at 8 bits),
@@ -11,6 +12,10 @@ that average (rounded down to 4 decimals; same method, activations and seed), an
 on the whole test set against the float model. One JSON line per cell and seed goes to --results;
 cells already there are skipped. The times are of the quantize calls alone; the mixed one includes
 the width search.
+
+`units` puts `analyze`'s ranking of the reconstruction units (SQNR with only that unit quantized,
+round to nearest) beside what reconstruction then does to each unit's output error (the quantize
+report's unit losses before and after), with the rank correlation of the two orders.
 """
 
 from __future__ import annotations
@@ -83,6 +88,33 @@ def render(args) -> None:
                           "quantize s uniform / mixed"], rows, numeric=[False] * 3 + [True] * 10))
 
 
+def ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+def units(args) -> None:
+    model = args.models / f"{args.model}.onnx"
+    widths = dict(wbits=args.wbits, abits=args.abits, seed=0)
+    analysis = onnxmodcap.analyze(model, args.calib, **widths)
+    sensitivity = {s.part.name: s.only[0].sqnr_db for s in analysis.ranked("unit")}
+    with tempfile.TemporaryDirectory() as folder:
+        result = onnxmodcap.quantize(model, args.calib, method=args.method, modcap="off",
+                                     output=Path(folder) / "q.onnx", **widths)
+    losses = result.report.reconstruction.unit_losses
+    names = losses.units
+    order = {name: rank for rank, name in enumerate(sorted(names, key=sensitivity.get), 1)}
+    rows = [[name, order[name], f"{sensitivity[name]:.1f}", f"{before:.4g}", f"{after:.4g}", f"{before / after:.2f}x"]
+            for name, before, after in zip(names, losses.before, losses.after)]
+    print(markdown_table(["unit", "analyze rank", "SQNR only this unit (dB)", "unit loss before", "after",
+                          "reduced by"], rows, numeric=[False] + [True] * 5))
+    before_ranks = ranks([-b for b in losses.before])
+    reduction_ranks = ranks([-(b / a) for b, a in zip(losses.before, losses.after)])
+    analyze_ranks = np.array([order[name] for name in names], float)
+    print(f"\nSpearman correlation of analyze's rank with the loss-before rank: "
+          f"{np.corrcoef(analyze_ranks, before_ranks)[0, 1]:.2f}; with the reduction rank: "
+          f"{np.corrcoef(analyze_ranks, reduction_ranks)[0, 1]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,8 +128,15 @@ def main() -> None:
     runner.add_argument("--data", type=Path, default=Path("models/fashion_mnist_test.npz"))
     table = commands.add_parser("render")
     table.add_argument("--results", type=Path, nargs="+", required=True)
+    compared = commands.add_parser("units")
+    compared.add_argument("--model", required=True)
+    compared.add_argument("--wbits", type=int, default=4)
+    compared.add_argument("--abits", type=int, default=4)
+    compared.add_argument("--method", default="qdrop")
+    compared.add_argument("--models", type=Path, default=Path("models"))
+    compared.add_argument("--calib", type=Path, default=Path("models/calib"))
     args = parser.parse_args()
-    {"run": run, "render": render}[args.command](args)
+    {"run": run, "render": render, "units": units}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ must have the machine to themselves.
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
 (rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target) or `+reduce-range`,
-`/minmax` (--init) and `@300` (--iters), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
+`/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
 $ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python). MODEL:float:noise scores no
@@ -109,6 +109,7 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
     if quantizer.startswith("ort-"):
         return [sys.executable, __file__, "ort", "--model", str(source), "--calib", str(calib), "--output", str(output),
                 "--method", quantizer[4:], "--wbits", str(wbits), "--abits", str(abits), "--count", str(spec.images)]
+    quantizer, _, budget = quantizer.partition("%")
     method, _, iters = quantizer.partition("@")
     if method == "aimet-adaround":  # the peer's own interpreter: AIMET is no dependency of onnxmodcap
         command = [AIMET_PYTHON, str(Path(__file__).with_name("peer_aimet.py")), "--model", str(source), "--calib",
@@ -124,6 +125,7 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
     command += ["--iters", iters] if iters else []
     command += ["--reduce-range"] if target == "reduce-range" else ["--target", target] if target else []
     command += ["--init", init] if init else []
+    command += ["--mixed-precision", budget] if budget else []
     if "input_size" in spec.flags:
         command += ["--input-size", spec.flags["input_size"]]
     return command
