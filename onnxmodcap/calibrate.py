@@ -152,7 +152,7 @@ def weight_quantizer(weight: torch.Tensor, spec: WeightPlan, bits: int, plan: Qu
 def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, ActivationStats],
                      method: str) -> QuantizerSet:
     """Quantizers with scales and zero points initialised by `method` (lp, minmax or percentile)."""
-    weights_by_name = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
+    weights_by_name = mirror.constants()
     weights = {spec.tensor: weight_quantizer(weights_by_name[spec.tensor], spec, spec.bits, plan, method)
                for spec in progress_bar(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer",
                                         leave=False)}

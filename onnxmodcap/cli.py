@@ -118,7 +118,14 @@ def inspect(model, as_json, verify, seed, modcap, modcap_k, bits, input_size):
 
 def preprocessing_options(command):
     """Flags that override the model's preprocessing metadata and the defaults read from its input
-    shape; they reach `resolve_preprocessing` as the `flags` mapping."""
+    shape. The command receives them as one `preprocess` mapping (`resolve_preprocessing`'s flags)."""
+
+    @functools.wraps(command)
+    def gathered(*args, **kwargs):
+        preprocess = {name: kwargs.pop(name) for name in ("input_size", "resize", "mean", "std", "scale", "color",
+                                                          "layout")}
+        return command(*args, preprocess=preprocess, **kwargs)
+
     options = [
         click.option("--input-size", help="Model input size: N or HxW (default: the input shape)."),
         click.option("--resize", help="Resize the shorter image side to this before the centre crop "
@@ -132,8 +139,26 @@ def preprocessing_options(command):
                      help="Tensor layout (default: guessed from the input shape)."),
     ]
     for option in reversed(options):
-        command = option(command)
-    return command
+        gathered = option(gathered)
+    return gathered
+
+
+# Options that quantize and analyze share.
+BITS = click.option("--bits", type=int, default=DEFAULT_BITS, show_default=True,
+                    help=f"Bits for weights and activations ({MIN_BITS}..{MAX_BITS}).")
+WBITS = click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
+ABITS = click.option("--abits", type=int, help="Activation bits (overrides --bits).")
+CALIBRATION_METHOD = click.option(
+    "--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp", show_default=True,
+    help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
+NUM_CALIB = click.option("--num-calib", type=int,
+                         help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
+BATCH_SIZE = click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True,
+                          help="Batch size of calibration (and of reconstruction in quantize).")
+DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                      help="Where torch runs calibration (and reconstruction in quantize).")
+SEED = click.option("--seed", type=int, default=0, show_default=True,
+                    help="Seed of every random choice; one seed, one file.")
 
 
 @main.command()
@@ -149,11 +174,11 @@ def preprocessing_options(command):
               help="auto: CUDA when it loads, else CPU.")
 @preprocessing_options
 @user_errors
-def evaluate(model, data, reference, as_json, batch_size, limit, provider, **flags):
+def evaluate(model, data, reference, as_json, batch_size, limit, provider, preprocess):
     """Top-1/top-5 accuracy of MODEL on labelled data, and its fidelity to a reference model."""
     from .evaluate import evaluate as run_evaluation
 
-    result = run_evaluation(model, data, reference_path=reference, flags=flags, batch_size=batch_size,
+    result = run_evaluation(model, data, reference_path=reference, flags=preprocess, batch_size=batch_size,
                             limit=limit, provider=provider, progress=True, note=context_line)
     for name, reason in result.skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)
@@ -234,10 +259,9 @@ DEPTHWISE = network_defaults(depthwise=True)
                    "or a .npy/.npz of ready model inputs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
               help="Output file (default: MODEL_STEM.w{W}a{A}.onnx beside MODEL).")
-@click.option("--bits", type=int, default=DEFAULT_BITS, show_default=True,
-              help=f"Bits for weights and activations ({MIN_BITS}..{MAX_BITS}).")
-@click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
-@click.option("--abits", type=int, help="Activation bits (overrides --bits).")
+@BITS
+@WBITS
+@ABITS
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="rtn: round to nearest. brecq: block reconstruction (AdaRound + LSQ). qdrop: brecq with "
                    "random quantization drop. pdquant: qdrop plus prediction difference and distribution correction.")
@@ -250,8 +274,7 @@ DEPTHWISE = network_defaults(depthwise=True)
               help=f"Iterations per unit: paper ({PAPER_ITERS}, the published recipe), fast ({FAST_ITERS}), "
                    f"quick ({QUICK_ITERS}); auto: paper on CUDA, else fast, or quick above "
                    f"{LARGE_ACTIVATIONS / 1e6:g} million activation values per image (224x224 models).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where torch runs calibration and reconstruction.")
+@DEVICE
 @click.option("--report", type=click.Path(dir_okay=False, path_type=str),
               help="Write the JSON report here (after reconstruction also a PNG of the unit losses beside it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted reconstruction from its checkpoint.")
@@ -267,9 +290,8 @@ DEPTHWISE = network_defaults(depthwise=True)
               help='JSON/YAML file: {"layers": {"<node regex>": {"wbits": 8, "abits": 8} or "float"}}.')
 @click.option("--no-keep-ends", is_flag=True,
               help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {END_BITS} bits).")
-@click.option("--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp",
-              show_default=True, help="Scale initialisation (lp: Lp-norm p=2.4 grid search, as in BRECQ/QDrop).")
-@click.option("--num-calib", type=int, help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
+@CALIBRATION_METHOD
+@NUM_CALIB
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")
 @click.option("--reduce-range", is_flag=True,
@@ -298,9 +320,8 @@ DEPTHWISE = network_defaults(depthwise=True)
               help=f"pdquant: lambda_c of distribution correction (default {SETTINGS.dc_lambda:g}, or "
                    f"{DEPTHWISE['dc_lambda']:g} with depthwise convolutions).")
 @click.option("--no-dc", is_flag=True, help="pdquant: skip distribution correction (ModCap groups never get it).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice; one seed, one file.")
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True,
-              help="Batch size of calibration and of reconstruction.")
+@SEED
+@BATCH_SIZE
 @click.option("--cache-mem", type=float, default=DEFAULT_CACHE_GIB, show_default=True,
               help="GiB of unit inputs/outputs kept in memory during reconstruction; the rest spills to the work folder.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
@@ -309,15 +330,12 @@ DEPTHWISE = network_defaults(depthwise=True)
               help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
 @preprocessing_options
 @user_errors
-def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude_nodes, input_size, resize, mean, std, scale, color,
-             layout, **options):
+def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude_nodes, **options):
     """Quantize MODEL with calibration data and write a QDQ ONNX model validated in ONNX Runtime."""
     from .pipeline import quantize as run_quantize
 
-    preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
-                  "color": color, "layout": layout}
     result = run_quantize(model, calib, format=fmt, keep_ends=not no_keep_ends, dc=not no_dc,
-                          exclude=exclude_nodes, preprocess=preprocess, **options)
+                          exclude=exclude_nodes, **options)
     skipped = result.report.calibration.skipped
     for name, reason in skipped[:10]:
         click.echo(f"warning: skipped {name}: {reason}", err=True)
@@ -334,32 +352,28 @@ def quantize(model, calib, fmt, no_keep_ends, no_dc, exclude_nodes, input_size, 
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--calib", required=True, type=click.Path(path_type=str),
               help="Calibration images, as for quantize; the first 256 are also the analysis images.")
-@click.option("--bits", type=int, default=DEFAULT_BITS, show_default=True,
-              help=f"Bits for weights and activations ({MIN_BITS}..{MAX_BITS}).")
-@click.option("--wbits", type=int, help="Weight bits (overrides --bits).")
-@click.option("--abits", type=int, help="Activation bits (overrides --bits).")
+@BITS
+@WBITS
+@ABITS
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
               help="The target whose grids are analysed (as for quantize).")
-@click.option("--calibration-method", "--init", "init", type=click.Choice(INIT_METHODS), default="lp",
-              show_default=True, help="Scale initialisation (as for quantize).")
-@click.option("--num-calib", type=int, help=f"Calibration images to use (default: all, at most {DEFAULT_NUM_CALIB}).")
+@CALIBRATION_METHOD
+@NUM_CALIB
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Rows of each ranking printed (the JSON report has them all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole analysis as one JSON object.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=str),
               help="Write the JSON analysis here and a PNG chart of the layers beside it.")
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@BATCH_SIZE
+@DEVICE
+@SEED
 @preprocessing_options
 @user_errors
-def analyze(model, calib, top, as_json, input_size, resize, mean, std, scale, color, layout, **options):
+def analyze(model, calib, top, as_json, **options):
     """Rank the layers and reconstruction units of MODEL by how much quantizing them costs."""
     from .sensitivity import analyze as run_analysis
 
-    preprocess = {"input_size": input_size, "resize": resize, "mean": mean, "std": std, "scale": scale,
-                  "color": color, "layout": layout}
-    analysis = run_analysis(model, calib, preprocess=preprocess, **options)
+    analysis = run_analysis(model, calib, **options)
     click.echo(json.dumps(analysis.to_dict(), indent=2) if as_json else analysis.table(top))
 
 

@@ -141,7 +141,7 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
     opset = max([QDQ_OPSET, model_opset(prepared.model), *(e.container.opset for e in weight_encodings.values())])
     # raised before the Q/DQ nodes go in: the converter has no adapters for them below opset 13
     model = with_opset(onnx.ModelProto.FromString(prepared.model.SerializeToString()), opset)
-    constants = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
+    constants = mirror.constants()
     writer = GraphWriter(model)
     with torch.no_grad():
         for tensor, quantizer in quantizers.weights.items():

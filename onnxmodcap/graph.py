@@ -4,6 +4,7 @@ carry weights."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import onnx
@@ -57,6 +58,11 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             users.setdefault(name, []).append(node)
     return users
+
+
+def initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Every initializer's element count, by name."""
+    return {t.name: math.prod(t.dims) for t in model.graph.initializer}
 
 
 def produced_tensors(model: onnx.ModelProto) -> set[str]:

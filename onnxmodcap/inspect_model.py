@@ -18,7 +18,7 @@ from .plan import PlanOptions, make_plan
 from .prepare import PreparedModel, prepare
 from .preprocess import given_input_size, missing_input_size
 from .runtime import create_session, session_provider
-from .graph import dims, dynamic_image_axes, image_inputs, tensor_shapes
+from .graph import dims, dynamic_image_axes, image_inputs, initializer_sizes, tensor_shapes
 
 VERIFY_BATCH = 2
 
@@ -34,7 +34,7 @@ class Inspection:
 
     def to_dict(self) -> dict:
         shapes = tensor_shapes(self.prepared.model)
-        sizes = {t.name: int(np.prod(t.dims)) for t in self.prepared.model.graph.initializer}
+        sizes = initializer_sizes(self.prepared.model)
         modules = []
         for unit in self.units:
             entry = unit.to_dict()

@@ -202,6 +202,18 @@ class NetworkMirror(nn.Module):
         for unit in self.units:
             unit.attach(quantizers)
 
+    def constants(self) -> dict[str, torch.Tensor]:
+        """Every mirrored initializer, by its name in the ONNX graph."""
+        return {name: unit.constant(name) for unit in self.units for name in unit.keys}
+
+    def outputs(self, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> list[np.ndarray]:
+        """Every graph output on `images`, a batch at a time, without gradients."""
+        batches = []
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                batches.append([o.cpu().numpy() for o in self(images[start:start + batch_size].to(device))])
+        return [np.concatenate(outputs) for outputs in zip(*batches)]
+
     @contextmanager
     def quantization(self, enabled: bool) -> Iterator[None]:
         """Inside the block every quantizer is on (the simulated quantized model) or off (the float

@@ -105,10 +105,10 @@ def layer_noise(free: list[WeightPlan], plan: QuantPlan, mirror: NetworkMirror, 
                 images: np.ndarray, method: str, device: torch.device) -> dict[str, list[float]]:
     """For each free layer and each of WIDTHS, the relative output noise with only that layer's
     weights quantized at that width."""
-    weights = {name: unit.constant(name) for unit in mirror.units for name in unit.keys}
-    batch = torch.from_numpy(images).to(device)
-    with torch.no_grad(), mirror.quantization(False):
-        reference = [o.cpu().numpy() for o in mirror(batch)]
+    weights = mirror.constants()
+    batch = torch.from_numpy(images)
+    with mirror.quantization(False):
+        reference = mirror.outputs(batch, device)
     noise = {w.node: [0.0] * len(WIDTHS) for w in free}
     try:
         for layer in progress_bar(free, desc="measuring layer sensitivity", unit="layer", leave=False):
@@ -121,8 +121,8 @@ def layer_noise(free: list[WeightPlan], plan: QuantPlan, mirror: NetworkMirror, 
                     variant.biases[layer.bias] = BiasQuantizer(quantizers.activations[layer.input], trial)
                     switched_on.append(variant.biases[layer.bias])
                 mirror.attach(variant)
-                with torch.no_grad(), mirror.quantization(False), switched(switched_on, "enabled", True):
-                    outputs = [o.cpu().numpy() for o in mirror(batch)]
+                with mirror.quantization(False), switched(switched_on, "enabled", True):
+                    outputs = mirror.outputs(batch, device)
                 names = mirror.output_names
                 noise[layer.node][index] = float(np.mean([10 ** (-o.sqnr_db / 10)
                                                           for o in fidelity(names, reference, outputs)]))

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .mirror import NetworkMirror
-from .graph import node_attributes
+from .graph import initializer_sizes, node_attributes
 from .partition import Unit, make_unit
 from .plan import QuantPlan
 from .losses import unit_errors
@@ -66,7 +66,7 @@ def comparable(units: list[Unit]) -> list[int]:
 
 
 def data_free_capacities(model: onnx.ModelProto, units: list[Unit], plan: QuantPlan) -> list[float | None]:
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    sizes = initializer_sizes(model)
     nodes = {node.name: node for node in model.graph.node}
     bits = {w.node: w.bits for w in plan.weights}
     capacities: list[float | None] = [None] * len(units)

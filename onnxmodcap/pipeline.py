@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
@@ -22,7 +21,7 @@ from .config import QuantizeConfig, check_options, parse_budget
 from .errors import Interrupted, RunFailed, UserError, first_line
 from .export import export_qdq
 from .files import check_writable_folder, stage_model, write_atomically
-from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs
+from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs, initializer_sizes
 from .losses import LOSS_IMAGES, unit_errors
 from .mirror import NetworkMirror
 from .mixed_precision import SEARCH_IMAGES, MixedPrecision, choose_widths
@@ -152,7 +151,7 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     mixed = None
     if config.mixed_precision:
         mixed = choose_widths(parse_budget(config.mixed_precision), plan, mirror, quantizers,
-                              data.inputs[:SEARCH_IMAGES], parameter_counts(prepared.model), config.init, device)
+                              data.inputs[:SEARCH_IMAGES], initializer_sizes(prepared.model), config.init, device)
         options = replace(options, overrides={**options.overrides, **mixed.overrides(config.activation_bits)})
         plan = make_plan(prepared.model, options)
         quantizers = build_quantizers(mirror, plan, stats, config.init)
@@ -160,10 +159,6 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     mirror.to(device)
     return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing,
                       sum(s.elements_per_image for s in stats.values()), mixed)
-
-
-def parameter_counts(model) -> dict[str, int]:
-    return {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
 
 
 def reconstruct_stage(context: RunContext, sim: Simulation) \

@@ -1,5 +1,6 @@
-"""A PNG of every unit's reconstruction loss across the network: before and after reconstruction,
-after reconstruction without ModCap when that was compared, and the merged groups shaded."""
+"""The PNG charts beside a report: every unit's reconstruction loss across the network (before and
+after reconstruction, after reconstruction without ModCap when that was compared, the merged groups
+shaded), and the most sensitive layer parts of an `analyze` run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .files import write_atomically
 
 if TYPE_CHECKING:
     from .report import UnitLosses
+    from .sensitivity import Analysis
 
 
 def plot_unit_losses(losses: UnitLosses, path: Path, title: str) -> None:
@@ -37,6 +39,31 @@ def plot_unit_losses(losses: UnitLosses, path: Path, title: str) -> None:
     axes.set_title(title + ("; shaded: units reconstructed jointly" if losses.groups else ""), fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
+    write_png(figure, path)
+
+
+CHART_BARS = 40
+
+
+def plot_sensitivity(analysis: Analysis, path: Path) -> None:
+    """The most sensitive layer parts of an `analyze` run: the SQNR of the first output with only
+    that part quantized, as horizontal bars, the most sensitive at the top."""
+    from matplotlib.figure import Figure
+
+    ranked = analysis.ranked("layer")[:CHART_BARS]
+    figure = Figure(figsize=(8.0, max(3.0, 0.25 * len(ranked) + 1.0)))
+    axes = figure.subplots()
+    colours = {"weights": "tab:blue", "activations": "tab:orange"}
+    positions = range(len(ranked))[::-1]
+    axes.barh(list(positions), [s.only[0].sqnr_db for s in ranked],
+              color=[colours[s.part.quantized] for s in ranked])
+    axes.set_yticks(list(positions), [f"{s.part.name[:50]} ({s.part.quantized})" for s in ranked], fontsize=7)
+    axes.set_xlabel(f"SQNR of {analysis.whole[0].name!r} with only this part quantized (dB; lower: more sensitive)")
+    axes.set_title(f"{analysis.model}, W{analysis.wbits}A{analysis.abits}, round to nearest", fontsize=9)
+    write_png(figure, path)
+
+
+def write_png(figure, path: Path) -> None:
     figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=120)

@@ -13,20 +13,19 @@ SQNR of the first output with only that part quantized, lowest (most sensitive) 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import QuantizeConfig, check_options
 from .files import check_writable_folder, write_atomically
 from .metrics import OutputFidelity, fidelity
-from .mirror import NetworkMirror, switched
+from .mirror import switched
 from .pipeline import Simulation, plain, simulate
+from .plot import plot_sensitivity
 from .progress import progress_bar
 from .run_state import isolated_run
 
@@ -118,15 +117,15 @@ def analyze(model: str | os.PathLike, calib: str | os.PathLike, **options) -> An
         sim = simulate(Path(model), Path(calib), config, device)
         images = torch.from_numpy(sim.data.inputs[:ANALYSIS_IMAGES])
         with sim.mirror.quantization(False):
-            reference = run_network(sim.mirror, images, device)
+            reference = sim.mirror.outputs(images, device, ANALYSIS_BATCH)
         names = sim.mirror.output_names
-        whole = fidelity(names, reference, run_network(sim.mirror, images, device))
+        whole = fidelity(names, reference, sim.mirror.outputs(images, device, ANALYSIS_BATCH))
         results = []
         for part in progress_bar(parts_of(sim), desc="analyzing", unit="part", leave=False):
             with sim.mirror.quantization(False), switched(part.quantizers, "enabled", True):
-                only = fidelity(names, reference, run_network(sim.mirror, images, device))
+                only = fidelity(names, reference, sim.mirror.outputs(images, device, ANALYSIS_BATCH))
             with switched(part.quantizers, "enabled", False):
-                all_but = fidelity(names, reference, run_network(sim.mirror, images, device))
+                all_but = fidelity(names, reference, sim.mirror.outputs(images, device, ANALYSIS_BATCH))
             results.append(Sensitivity(part, only, all_but))
     analysis = Analysis(Path(model).name, config.weight_bits, config.activation_bits, len(images), whole, results)
     if config.report:
@@ -151,35 +150,7 @@ def parts_of(sim: Simulation) -> list[Part]:
     return parts
 
 
-def run_network(mirror: NetworkMirror, images: torch.Tensor, device: torch.device) -> list[np.ndarray]:
-    """Every graph output on `images`, batch by batch."""
-    batches = []
-    with torch.no_grad():
-        for start in range(0, len(images), ANALYSIS_BATCH):
-            batches.append([o.cpu().numpy() for o in mirror(images[start:start + ANALYSIS_BATCH].to(device))])
-    return [np.concatenate(outputs) for outputs in zip(*batches)]
-
-
-CHART_BARS = 40
-
-
 def write_report(analysis: Analysis, path: Path) -> None:
-    """The JSON analysis at `path`, and beside it a PNG of the most sensitive layer parts: the SQNR
-    of the first output with only that part quantized."""
-    from matplotlib.figure import Figure
-
+    """The JSON analysis at `path`, and beside it a PNG of the most sensitive layer parts."""
     write_atomically(path, json.dumps(analysis.to_dict(), indent=2).encode())
-    ranked = analysis.ranked("layer")[:CHART_BARS]
-    figure = Figure(figsize=(8.0, max(3.0, 0.25 * len(ranked) + 1.0)))
-    axes = figure.subplots()
-    colours = {"weights": "tab:blue", "activations": "tab:orange"}
-    positions = range(len(ranked))[::-1]  # the most sensitive at the top
-    axes.barh(list(positions), [s.only[0].sqnr_db for s in ranked],
-              color=[colours[s.part.quantized] for s in ranked])
-    axes.set_yticks(list(positions), [f"{s.part.name[:50]} ({s.part.quantized})" for s in ranked], fontsize=7)
-    axes.set_xlabel(f"SQNR of {analysis.whole[0].name!r} with only this part quantized (dB; lower: more sensitive)")
-    axes.set_title(f"{analysis.model}, W{analysis.wbits}A{analysis.abits}, round to nearest", fontsize=9)
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=120)
-    write_atomically(path.with_suffix(".png"), image.getvalue())
+    plot_sensitivity(analysis, path.with_suffix(".png"))

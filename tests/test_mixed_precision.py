@@ -14,6 +14,7 @@ import pytest
 
 import onnxmodcap
 from onnxmodcap.config import MIXED_PRECISION_WIDTHS
+from onnxmodcap.graph import initializer_sizes
 from onnxmodcap.validate import MIN_EXACT_IMAGES
 
 CALIB, PARITY = 96, 64
@@ -28,7 +29,7 @@ def calib_tensors(tmp_path_factory):
 
 def weight_bits(result) -> tuple[int, int]:
     """The plan's weight bits and quantized weight count, sized from the written model."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in onnx.load(result.output).graph.initializer}
+    sizes = initializer_sizes(onnx.load(result.output))
     weights = [(sizes[f"{w.tensor}_quantized"], w.bits) for w in result.report.plan.weights]
     return sum(size * bits for size, bits in weights), sum(size for size, _ in weights)
 

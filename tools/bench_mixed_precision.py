@@ -32,13 +32,14 @@ import onnx
 
 import onnxmodcap
 from onnxmodcap.evaluate import evaluate
+from onnxmodcap.graph import initializer_sizes
 
 from benchgrid import markdown_table, parse_cell, read_records, run_cells
 
 
 def average_weight_bits(result) -> float:
     """The written model's weight bits per quantized weight, from its plan and stored tensors."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in onnx.load(result.output).graph.initializer}
+    sizes = initializer_sizes(onnx.load(result.output))
     weights = [(sizes[f"{w.tensor}_quantized"], w.bits) for w in result.report.plan.weights]
     return sum(size * bits for size, bits in weights) / sum(size for size, _ in weights)
 
