@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fused
+
 LP_NORM = 2.4
 SEARCH_STEPS = 100
 PERCENTILE = 99.99
@@ -220,7 +222,11 @@ class Quantizer(nn.Module):
         scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         if self.straight_through and self.alpha is None:
             gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
-            return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, self.kept_elements(x))
+            keep = self.kept_elements(x)
+            if fused.applies(x, keep):
+                low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
+                return fused.FusedStraightThroughQuantize.apply(x, scale, zero_point, low, high, gradient_scale, keep)
+            return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, keep)
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
             return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale

@@ -1,0 +1,145 @@
+"""The straight-through activation quantizer as compiled CPU kernels, for real-resolution tensors.
+
+Run op by op, `quantizers.StraightThroughQuantize` makes about nine passes over its tensor in the
+forward pass and converts its boolean masks in the backward pass. At 224x224 a unit's activation
+holds tens of millions of values, every pass is memory-bound, and these passes cost more than the
+unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels"). torch.compile
+turns each direction into one loop: the forward pass reads x and QDrop's keep mask and writes the
+output; the backward pass reads the incoming gradient, x and the mask and writes the gradient to x,
+or sums the step size's gradient.
+
+The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
+round half to even, clamp, multiply, lerp with a weight of exactly 0 or 1), so the output and the
+gradient to x are identical; the step size's gradient is the same sum in another order. Masks are
+built with arithmetic (clamp, abs, sign): comparisons vectorise poorly in inductor's CPU code.
+
+Compiled kernels need a C++ compiler. `available()` tries once per process; without one, or on
+other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the op-by-op
+quantizer runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .errors import first_line
+
+log = logging.getLogger(__name__)
+
+FUSED_MIN_ELEMENTS = 1 << 20
+
+
+def kept(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1.0 where QDrop keeps the quantized value (keep: a bool mask seen as uint8), else 0.0."""
+    return keep.to(like.dtype)
+
+
+def quantized_values(x, scale, zero_point, low, high, keep):
+    """x fake-quantized on [low, high] (the grid's qmin, qmax); x itself where keep is 0."""
+    centred = torch.clamp(torch.round(x / scale), low - zero_point, high - zero_point)  # x_int - z
+    if keep is None:
+        return centred * scale
+    return torch.lerp(x, centred * scale, kept(keep, x))
+
+
+def inside_grid(x, scale, zero_point, low, high):
+    """(1.0 where round(x / s) is not clamped else 0.0, x / s, round(x / s) clamped)."""
+    scaled = x / scale
+    rounded = torch.round(scaled)
+    centred = torch.clamp(rounded, low - zero_point, high - zero_point)
+    return 1 - torch.abs(centred - rounded).sign(), scaled, centred
+
+
+def input_gradient(grad, x, scale, zero_point, low, high, keep):
+    """Straight-through: grad where x is inside the grid or dropped, 0 where the grid clamps."""
+    inside, _, _ = inside_grid(x, scale, zero_point, low, high)
+    if keep is None:
+        return grad * inside
+    return grad * torch.maximum(inside, 1 - kept(keep, x))
+
+
+def step_size_gradient(grad, x, scale, zero_point, low, high, keep):
+    """LSQ: the sum of grad * (round(v) - v inside the grid, x_int - z where clamped), v = x / s,
+    over the kept elements."""
+    inside, scaled, centred = inside_grid(x, scale, zero_point, low, high)
+    slope = centred - scaled * inside
+    if keep is None:
+        return torch.sum(grad * slope)
+    return torch.sum(grad * slope * kept(keep, x))
+
+
+@functools.cache
+def compiled(kernel):
+    # dynamic shapes: one compilation serves every unit's sizes
+    return torch.compile(kernel, dynamic=True)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether torch.compile can build CPU kernels here (it needs a C++ compiler)."""
+    x = torch.linspace(-2, 2, 64)
+    bounds = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(-8.0), torch.tensor(7.0))
+    try:
+        works = torch.equal(compiled(quantized_values)(x, *bounds, None), quantized_values(x, *bounds, None))
+    except Exception as err:  # noqa: BLE001 - whatever stops compilation, the op-by-op quantizer runs
+        works, reason = False, f"{type(err).__name__}: {first_line(err)}"
+    else:
+        reason = "the compiled kernel disagreed with the op-by-op one"
+    if not works:
+        log.warning("torch.compile cannot build CPU kernels here (%s); the activation quantizers run op by op, "
+                    "which makes reconstruction at real resolution slower", reason)
+    return works
+
+
+def flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of t's memory in order, for contiguous and channels-last tensors; else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+def applies(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= FUSED_MIN_ELEMENTS
+            and flat(x) is not None and (keep is None or (keep.shape, keep.stride()) == (x.shape, x.stride()))
+            and available())
+
+
+def shaped(values: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
+    """The 1-D `values` seen with `shape`, in the layout `flat` read them from."""
+    if not channels_last:
+        return values.view(shape)
+    n, c, h, w = shape
+    return values.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+class FusedStraightThroughQuantize(torch.autograd.Function):
+    """quantizers.StraightThroughQuantize in compiled kernels, for tensors `applies` accepts. The
+    backward pass recomputes the masks from x instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, low, high, gradient_scale: float, keep):
+        keep_bytes = None if keep is None else flat(keep).view(torch.uint8)
+        values = flat(x)
+        ctx.save_for_backward(values, scale, zero_point, low, high, keep_bytes)
+        ctx.shape, ctx.stride, ctx.gradient_scale = x.shape, x.stride(), gradient_scale
+        ctx.channels_last = not x.is_contiguous()
+        return shaped(compiled(quantized_values)(values, scale, zero_point, low, high, keep_bytes), x.shape,
+                      ctx.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, scale, zero_point, low, high, keep_bytes = ctx.saved_tensors
+        if grad.stride() != ctx.stride:
+            grad = grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        operands = (flat(grad), values, scale, zero_point, low, high, keep_bytes)
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = shaped(compiled(input_gradient)(*operands), ctx.shape, ctx.channels_last)
+        if ctx.needs_input_grad[1]:
+            grad_scale = compiled(step_size_gradient)(*operands) * ctx.gradient_scale
+        return grad_x, grad_scale, None, None, None, None, None

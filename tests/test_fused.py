@@ -1,0 +1,85 @@
+"""The compiled straight-through quantizer (onnxmodcap/fused.py) against the op-by-op one, at the
+tensor sizes where quantize uses it."""
+
+import logging
+
+import pytest
+import torch
+
+from onnxmodcap import fused
+from onnxmodcap.quantizers import Grid, Quantizer, keep_mask
+
+SHAPE = (8, 32, 64, 64)  # just above fused.FUSED_MIN_ELEMENTS
+
+
+def activation_quantizer(grid: Grid, drop_prob: float, learned: bool) -> Quantizer:
+    quantizer = Quantizer(grid)
+    with torch.no_grad():
+        quantizer.scale.fill_(0.05)
+        quantizer.zero_point.fill_(0.0 if grid.fixed_zero else 3.0)
+    quantizer.straight_through, quantizer.drop_prob = True, drop_prob
+    quantizer.scale.requires_grad_(learned)
+    return quantizer
+
+
+def forward_backward(quantizer: Quantizer, x: torch.Tensor, upstream: torch.Tensor, input_grad: bool):
+    """Output, gradient to x, gradient to the step size, and the autograd node that produced the output."""
+    x = x.detach().clone().requires_grad_(input_grad)
+    quantizer.scale.grad = None
+    torch.manual_seed(1)  # the same QDrop mask for both quantizers
+    out = quantizer(x)
+    out.backward(upstream)
+    return out.detach(), x.grad, quantizer.scale.grad, type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("grid,drop_prob,learned,input_grad,layout", [
+    (Grid.unsigned(8), 0.5, False, True, torch.channels_last),
+    (Grid.asymmetric(4), 0.5, True, True, torch.channels_last),
+    (Grid.signed(4), 0.0, True, True, torch.contiguous_format),
+    (Grid.asymmetric(2), 0.5, True, False, torch.channels_last),  # a unit's input: cached data, no gradient to x
+])
+def test_compiled_quantizer_gives_the_op_by_op_output_and_gradients(monkeypatch, grid, drop_prob, learned, input_grad, layout):
+    torch.manual_seed(0)
+    quantizer = activation_quantizer(grid, drop_prob, learned)
+    x = (torch.randn(SHAPE) * 0.4).contiguous(memory_format=layout)  # some values clamp at every width
+    upstream = torch.randn(SHAPE).contiguous(memory_format=layout)
+    out, grad_x, grad_scale, node = forward_backward(quantizer, x, upstream, input_grad)
+    assert node == "FusedStraightThroughQuantizeBackward"
+    assert out.stride() == x.stride()
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", x.numel() + 1)
+    op_out, op_grad_x, op_grad_scale, op_node = forward_backward(quantizer, x, upstream, input_grad)
+    assert op_node == "StraightThroughQuantizeBackward"
+    assert torch.equal(out, op_out)
+    if input_grad:
+        assert torch.equal(grad_x, op_grad_x) and grad_x.stride() == x.stride()
+    else:
+        assert grad_x is None and op_grad_x is None
+    if learned:  # the same float32 sum of a million terms in another order
+        assert grad_scale.item() == pytest.approx(op_grad_scale.item(), rel=1e-4)
+    else:
+        assert grad_scale is None and op_grad_scale is None
+
+
+def test_a_shared_mask_in_another_layout_runs_op_by_op():
+    quantizer = activation_quantizer(Grid.unsigned(8), 0.5, False)
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
+    quantizer.shared_keep = keep_mask(torch.empty(SHAPE), 0.5)  # drawn in NCHW
+    assert type(quantizer(x.requires_grad_(True)).grad_fn).__name__ == "StraightThroughQuantizeBackward"
+
+
+def test_without_a_compiler_the_quantizers_run_op_by_op_and_say_so(monkeypatch, caplog):
+    def no_compiler(kernel):
+        raise RuntimeError("Compiler: cc is not found")
+
+    monkeypatch.setattr(fused, "compiled", no_compiler)
+    fused.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="onnxmodcap"):
+            quantizer = activation_quantizer(Grid.unsigned(8), 0.5, False)
+            out = quantizer(torch.randn(SHAPE).requires_grad_(True))
+        assert type(out.grad_fn).__name__ == "StraightThroughQuantizeBackward"
+        assert [record.getMessage() for record in caplog.records] == [
+            "torch.compile cannot build CPU kernels here (RuntimeError: Compiler: cc is not found); the activation "
+            "quantizers run op by op, which makes reconstruction at real resolution slower"]
+    finally:
+        fused.available.cache_clear()
