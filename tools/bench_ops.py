@@ -3,6 +3,7 @@ after 5 warm-up calls):
 
     OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: docs/benchmarks/shipped_models.md, "Reconstruction iteration cost"
     OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: docs/benchmarks/reconstruct.md
+    python tools/bench_ops.py --fused                     # compiled quantizer kernels, 2 threads: the same document
 
 --real times forward + backward at the sizes of EfficientNet-Lite1's first blocks (batch 32, 240x240
 input): convolutions in NCHW against channels-last, and the ways to write a ReLU6 Clip, with freed
@@ -15,7 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
+from onnxmodcap import fused
 from onnxmodcap.allocator import retained_memory
+from onnxmodcap.quantizers import Grid, StraightThroughQuantize, keep_mask
 
 torch.set_num_threads(1)
 
@@ -51,6 +54,48 @@ def real_resolution() -> None:
             for name, clip in clips.items():
                 print(f"  ReLU6 at 32x96x60x60 as {name}: {ms(clip, 5):.1f} ms forward + backward")
 
+
+def compared_masks(x, scale, zero_point, low, high, keep):
+    """fused.quantized_values with its masks written as comparisons and where."""
+    rounded = torch.round(x / scale)
+    centred = torch.clamp(rounded, low - zero_point, high - zero_point)
+    return torch.where(keep, centred * scale, x), (centred == rounded) | ~keep
+
+
+def compiled_kernels() -> None:
+    torch.set_num_threads(2)
+    x = (torch.randn(32, 96, 120, 120) * 0.4).contiguous(memory_format=torch.channels_last)
+    keep = keep_mask(x, 0.5)
+    values, keep_bytes, keep_flat = fused.flat(x), fused.flat(keep).view(torch.uint8), fused.flat(keep)
+    scale, zero_point, low, high = torch.tensor(0.05), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(255.0)
+    grad, grid = torch.randn_like(values), Grid.unsigned(8)
+    by_comparisons = torch.compile(compared_masks, dynamic=True)
+    below_one = torch.compile(lambda t: (t < 1).to(torch.uint8), dynamic=True)
+    inductor_mask = torch.compile(lambda t: torch.ceil(torch.clamp(0.5 - torch.rand_like(t), 0, 1)).to(torch.uint8),
+                                  dynamic=True)
+    passes = (torch.rand_like(values) < 0.9)
+    timings = {
+        "forward, op by op (StraightThroughQuantize)":
+            lambda: StraightThroughQuantize.apply(x, scale, zero_point, grid, 1.0, keep),
+        "forward, compiled, masks from comparisons": lambda: by_comparisons(values, scale, zero_point, low, high, keep_flat),
+        "forward, compiled, masks from arithmetic (fused.py)":
+            lambda: fused.compiled(fused.quantized_values)(values, scale, zero_point, low, high, keep_bytes),
+        "backward to x, op by op (grad * boolean mask)": lambda: grad * passes,
+        "backward to x, compiled (fused.py)":
+            lambda: fused.compiled(fused.input_gradient)(grad, values, scale, zero_point, low, high, keep_bytes),
+        "(x < 1) as uint8, op by op": lambda: (values < 1).to(torch.uint8),
+        "(x < 1) as uint8, compiled": lambda: below_one(values),
+        "keep mask from torch's generator (keep_mask)": lambda: keep_mask(x, 0.5),
+        "keep mask from inductor's rand, compiled": lambda: inductor_mask(values),
+    }
+    with retained_memory(), torch.no_grad():
+        for name, action in timings.items():
+            print(f"  {name}: {ms(action, 10):.1f} ms")
+
+
+if "--fused" in sys.argv:
+    compiled_kernels()
+    sys.exit()
 
 if "--real" in sys.argv:
     real_resolution()
