@@ -149,6 +149,13 @@ def weight_quantizer(weight: torch.Tensor, spec: WeightPlan, bits: int, plan: Qu
     return quantizer
 
 
+def activation_quantizer(observed: ActivationStats, target: str, bits: int, method: str) -> Quantizer:
+    """The per-tensor quantizer of one activation on a `bits` grid, initialised by `method` from its statistics."""
+    quantizer = Quantizer(activation_grid(target, bits, nonnegative=observed.low >= 0))
+    quantizer.initialise(observed.values()[None, :], method)
+    return quantizer
+
+
 def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, ActivationStats],
                      method: str) -> QuantizerSet:
     """Quantizers with scales and zero points initialised by `method` (lp, minmax or percentile)."""
@@ -156,13 +163,8 @@ def build_quantizers(mirror: NetworkMirror, plan: QuantPlan, stats: dict[str, Ac
     weights = {spec.tensor: weight_quantizer(weights_by_name[spec.tensor], spec, spec.bits, plan, method)
                for spec in progress_bar(plan.weights, desc=f"initialising weight quantizers ({method})", unit="layer",
                                         leave=False)}
-    activations = {}
-    for spec in plan.activations:
-        observed = stats[spec.tensor]
-        grid = activation_grid(plan.target, spec.bits, nonnegative=observed.low >= 0)
-        quantizer = Quantizer(grid)
-        quantizer.initialise(observed.values()[None, :], method)
-        activations[spec.tensor] = quantizer
+    activations = {spec.tensor: activation_quantizer(stats[spec.tensor], plan.target, spec.bits, method)
+                   for spec in plan.activations}
     biases = {spec.bias: BiasQuantizer(activations[spec.input], weights[spec.tensor])
               for spec in plan.weights if spec.bias is not None}
     return QuantizerSet(weights, activations, biases)

@@ -30,8 +30,9 @@ QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers w
 DEFAULT_BITS = 4
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CACHE_GIB = 4.0
-MIXED_PRECISION_WIDTHS = (2, 3, 4, 6, 8)  # the weight widths --mixed-precision chooses from
+MIXED_PRECISION_WIDTHS = (2, 3, 4, 6, 8)  # the widths --mixed-precision chooses from
 SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+OPERATION_UNITS = {"bops": 1, "kbops": 1e3, "mbops": 1e6, "gbops": 1e9, "tbops": 1e12}  # bit operations per image
 DEFAULT_NUM_CALIB = 1024  # calibration images used when --num-calib is not given (all, up to this)
 
 
@@ -73,7 +74,7 @@ class QuantizeConfig:
     pd_lambda: float | None = None
     dc_lambda: float | None = None
     dc: bool = True
-    mixed_precision: str | None = None  # a weight budget: average bits ("4.5") or a size ("3MB")
+    mixed_precision: str | None = None  # a budget: average weight bits ("4.5"), a size ("3MB") or bit operations ("20GBOPs")
     preprocess: dict = field(default_factory=dict)  # input_size, resize, mean, std, scale, color, layout
 
     @property
@@ -142,27 +143,34 @@ class Budget:
     text: str  # as given
     average_bits: float | None = None
     size_bytes: float | None = None
+    bit_operations: float | None = None  # per image
 
-    def bits(self, parameters: int) -> float:
-        """The budget in weight bits for `parameters` quantized weights."""
+    def value(self, parameters: int) -> float:
+        """The budget in its own measure: weight bits for `parameters` quantized weights, or bit operations."""
+        if self.bit_operations is not None:
+            return self.bit_operations
         return self.average_bits * parameters if self.average_bits is not None else self.size_bytes * 8
 
 
 def parse_budget(text: str) -> Budget:
-    """`4.5` (average weight bits, 2 to 8) or a size with its unit (`3MB`, `2.5 MiB`, `800kB`)."""
+    """`4.5` (average weight bits, 2 to 8), a size with its unit (`3MB`, `2.5 MiB`, `800kB`), or bit
+    operations per image (`20GBOPs`)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match:
-        raise UserError(f"--mixed-precision {text!r}: give average weight bits (e.g. 4.5) or a weight size with "
-                        "its unit (e.g. 3MB)")
+        raise UserError(f"--mixed-precision {text!r}: give average weight bits (e.g. 4.5), a weight size with "
+                        "its unit (e.g. 3MB) or bit operations per image (e.g. 20GBOPs)")
     value, unit = float(match.group(1)), match.group(2).lower()
     if not unit:
         if not 2 <= value <= 8:
             raise UserError(f"--mixed-precision {text}: average weight bits must be between 2 and 8; for a size, "
                             "give its unit (e.g. 3MB)")
         return Budget(text, average_bits=value)
-    if unit not in SIZE_UNITS:
-        raise UserError(f"--mixed-precision {text!r}: unknown unit {match.group(2)!r}: use B, kB, MB, GB, KiB, MiB or GiB")
-    return Budget(text, size_bytes=value * SIZE_UNITS[unit])
+    if unit in SIZE_UNITS:
+        return Budget(text, size_bytes=value * SIZE_UNITS[unit])
+    if unit.rstrip("s") + "s" in OPERATION_UNITS:
+        return Budget(text, bit_operations=value * OPERATION_UNITS[unit.rstrip("s") + "s"])
+    raise UserError(f"--mixed-precision {text!r}: unknown unit {match.group(2)!r}: use B, kB, MB, GB, KiB, MiB or "
+                    "GiB for a weight size, BOPs, kBOPs, MBOPs, GBOPs or TBOPs for bit operations per image")
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

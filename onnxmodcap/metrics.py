@@ -83,7 +83,7 @@ class FidelityTotals:
         classes = self.kind != "tensor" and self.rows > 0
         return OutputFidelity(
             name=self.name, kind=self.kind,
-            sqnr_db=float(10 * np.log10(max(self.signal, tiny) / max(self.noise, tiny))),
+            sqnr_db=float(10 * (np.log10(max(self.signal, tiny)) - np.log10(max(self.noise, tiny)))),  # finite at zero noise
             cosine=self.cosine / max(self.images, 1),
             relative_l2=float(np.sqrt(self.noise / max(self.signal, tiny))),
             top1_agreement=self.agreeing_rows / self.rows if classes else None,

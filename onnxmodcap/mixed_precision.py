@@ -1,17 +1,25 @@
-"""`quantize --mixed-precision BUDGET`: per-layer weight widths that meet a size budget with the
-least predicted loss of fidelity.
+"""`quantize --mixed-precision BUDGET`: per-layer widths that meet a budget with the least predicted
+loss of fidelity.
 
-The budget is an average number of weight bits over the quantized layers (`4.5`) or a size of
-the quantized weights with its unit (`3MB`, `2.5MiB`, `800kB`). Layers whose widths come from
---overrides, and the first and last layers kept at 8 bits, keep them; every other layer gets one of
-WIDTHS. Activations keep --abits.
+Three kinds of budget:
+- average weight bits over the quantized layers (`4.5`), or a size of the quantized weights with
+  its unit (`3MB`, `2.5MiB`, `800kB`): each free layer gets a weight width from WIDTHS, and
+  activations keep --abits;
+- bit operations per image (`20GBOPs`): the sum over quantized layers of multiply-accumulates x
+  weight bits x input activation bits, at the calibration input size. Weight widths and, with the
+  ONNX Runtime target, the widths of the activation tensors that only free layers read are chosen
+  together, from WIDTHS (the TensorRT target keeps --abits: its int8 kernels take 8-bit inputs).
+
+Layers whose widths come from --overrides, and the first and last layers kept at 8 bits, keep them;
+so does every activation tensor that one of them reads.
 
 The prediction is measured, as `analyze` measures a layer: on SEARCH_IMAGES calibration images,
-with only one layer's weights quantized at one width (round to nearest on a freshly initialised
-grid) and everything else in float, the quantization noise of the network's outputs relative to
-their power (10^(-SQNR/10), averaged over outputs). Noise of different layers is taken to add up.
-Starting from every free layer at the widest width, a greedy search lowers, step by step, the
-layer whose next narrower width adds the least noise per bit saved, until the budget is met.
+with only one layer's weights (or one activation tensor) quantized at one width (round to nearest
+on a freshly initialised grid) and everything else in float, the quantization noise of the
+network's outputs relative to their power (10^(-SQNR/10), averaged over outputs). Noise of
+different choices is taken to add up. Starting from every free width at 8 bits, a greedy search
+lowers, step by step, the width whose next narrower step adds the least noise per unit of budget
+saved, until the budget is met.
 """
 
 from __future__ import annotations
@@ -21,17 +29,19 @@ import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx
 import torch
 
-from .calibrate import weight_quantizer
+from .calibrate import ActivationStats, activation_quantizer, weight_quantizer
 from .config import MIXED_PRECISION_WIDTHS as WIDTHS
 from .config import Budget
 from .errors import UserError
+from .graph import initializer_sizes
 from .metrics import fidelity
 from .mirror import NetworkMirror, switched
 from .plan import LayerBits, QuantPlan, WeightPlan
 from .progress import progress_bar
-from .quantizers import BiasQuantizer, QuantizerSet
+from .quantizers import BiasQuantizer, Quantizer, QuantizerSet
 
 log = logging.getLogger(__name__)
 
@@ -40,92 +50,202 @@ SEARCH_IMAGES = 32
 
 @dataclass
 class MixedPrecision:
-    """The search's choice, for the report: each free layer's width and what it predicted."""
+    """The search's choice, for the report: each free width and what it predicted."""
 
     budget: str
-    budget_bits: float
+    budget_value: float  # in the budget's own measure: weight bits, or bit operations per image
     weight_bits: float  # of the chosen plan, every quantized layer
     average_bits: float
-    widths: dict[str, int]  # free layers only
+    bit_operations: float  # per image, every quantized layer: MACs x weight bits x input activation bits
+    widths: dict[str, int]  # free layers' weights, by node
+    activation_widths: dict[str, int]  # free activation tensors (bit-operation budgets only), by tensor
     pinned: dict[str, int]  # layers whose widths were given
-    predicted_noise: float  # relative output noise, summed over layers
+    predicted_noise: float  # relative output noise, summed over the choices
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def overrides(self, abits: int) -> dict[str, LayerBits]:
-        """--overrides entries that give every free layer its width (node names matched exactly)."""
-        return {re.escape(node): LayerBits(bits, abits) for node, bits in self.widths.items()}
+    def overrides(self, plan: QuantPlan) -> dict[str, LayerBits]:
+        """--overrides entries that give every free layer its widths (node names matched exactly)."""
+        inputs = {w.node: w.input for w in plan.weights}
+        activation_bits = {a.tensor: a.bits for a in plan.activations}
+        return {re.escape(node): LayerBits(bits, self.activation_widths.get(inputs[node], activation_bits[inputs[node]]))
+                for node, bits in self.widths.items()}
+
+
+@dataclass
+class Choice:
+    """One width the search sets: a free layer's weights (`layer`) or a free activation tensor."""
+
+    name: str  # the layer's node, or the activation tensor
+    layer: WeightPlan | None
+    noise: list[float]  # relative output noise at each of WIDTHS, with only this quantized
+    index: int = len(WIDTHS) - 1  # into WIDTHS
+
+
+@dataclass
+class Costs:
+    """What a budget counts: weight bits, or bit operations per image."""
+
+    parameters: dict[str, int]  # weight elements, by weight tensor
+    macs: dict[str, float]  # multiply-accumulates per image, by layer node
+    operations: bool  # True: the budget counts bit operations
+
+    def layer(self, layer: WeightPlan, wbits: float, abits: float) -> float:
+        if self.operations:
+            return self.macs[layer.node] * wbits * abits
+        return self.parameters[layer.tensor] * wbits
+
+    def total(self, plan: QuantPlan, wbits: dict[str, int], abits: dict[str, int]) -> float:
+        return sum(self.layer(w, wbits[w.node], abits[w.input]) for w in plan.weights)
 
 
 def choose_widths(budget: Budget, plan: QuantPlan, mirror: NetworkMirror, quantizers: QuantizerSet,
-                  images: np.ndarray, parameters: dict[str, int], method: str, device: torch.device) -> MixedPrecision:
-    """The widths of the free layers of `plan` (calibrated as `quantizers`) that meet `budget`."""
-    free = [w for w in plan.weights if not w.pinned]
-    pinned_bits = sum(parameters[w.tensor] * w.bits for w in plan.weights if w.pinned)
-    total = sum(parameters[w.tensor] for w in plan.weights)
-    allowed = budget.bits(total) - pinned_bits
-    lowest = sum(parameters[w.tensor] * WIDTHS[0] for w in free)
-    highest = sum(parameters[w.tensor] * WIDTHS[-1] for w in free)
-    if not free:
+                  stats: dict[str, ActivationStats], images: np.ndarray, model: onnx.ModelProto, method: str,
+                  device: torch.device) -> MixedPrecision:
+    """The widths of the free layers (and activations) of `plan`, calibrated as `quantizers`, that meet `budget`."""
+    operations = budget.bit_operations is not None
+    costs = Costs(initializer_sizes(model), layer_macs(model, plan, mirror, images[:1], device), operations)
+    free_layers = [w for w in plan.weights if not w.pinned]
+    if not free_layers:
         raise UserError("--mixed-precision: every quantized layer's width is given (--overrides, first and last "
                         "layers): nothing to choose")
-    if allowed < lowest:
-        raise UserError(f"--mixed-precision {budget.text} is below what {WIDTHS[0]}-bit weights everywhere give "
-                        f"({describe(lowest + pinned_bits, total)})")
-    if allowed >= highest:
-        raise UserError(f"--mixed-precision {budget.text} is at or above what {WIDTHS[-1]}-bit weights everywhere "
-                        f"give ({describe(highest + pinned_bits, total)}): use --wbits 8")
-    noise = layer_noise(free, plan, mirror, quantizers, images, method, device)
-    widths = {w.node: len(WIDTHS) - 1 for w in free}  # indices into WIDTHS
-    size = highest
-    while size > allowed:
-        def cost(layer: WeightPlan) -> float:
-            index = widths[layer.node]
-            saved = parameters[layer.tensor] * (WIDTHS[index] - WIDTHS[index - 1])
-            return (noise[layer.node][index - 1] - noise[layer.node][index]) / saved
+    free_activations = [a.tensor for a in plan.activations if operations and plan.target == "ort"
+                        and set(a.consumers) <= {w.node for w in free_layers}]
+    wbits = {w.node: w.bits for w in plan.weights}
+    abits = {a.tensor: a.bits for a in plan.activations}
+    allowed = budget.value(sum(costs.parameters[w.tensor] for w in plan.weights))
 
-        layer = min((w for w in free if widths[w.node] > 0), key=cost)
-        size -= parameters[layer.tensor] * (WIDTHS[widths[layer.node]] - WIDTHS[widths[layer.node] - 1])
-        widths[layer.node] -= 1
-    chosen = {node: WIDTHS[index] for node, index in widths.items()}
-    weight_bits = size + pinned_bits
-    log.info("--mixed-precision %s: %s, average %.2f weight bits", budget.text, describe(weight_bits, total),
-             weight_bits / total)
-    return MixedPrecision(budget.text, budget.bits(total), weight_bits, round(weight_bits / total, 3), chosen,
-                          {w.node: w.bits for w in plan.weights if w.pinned},
-                          float(sum(noise[node][index] for node, index in widths.items())))
+    def total(width: int) -> float:
+        return costs.total(plan, {**wbits, **dict.fromkeys((w.node for w in free_layers), width)},
+                           {**abits, **dict.fromkeys(free_activations, width)})
+
+    if allowed < total(WIDTHS[0]):
+        raise UserError(f"--mixed-precision {budget.text} is below what {WIDTHS[0]}-bit "
+                        f"{'widths' if free_activations else 'weights'} everywhere give "
+                        f"({describe(total(WIDTHS[0]), costs, plan)})")
+    if allowed >= total(WIDTHS[-1]):
+        raise UserError(f"--mixed-precision {budget.text} is at or above what {WIDTHS[-1]}-bit "
+                        f"{'widths' if free_activations else 'weights'} everywhere give "
+                        f"({describe(total(WIDTHS[-1]), costs, plan)}): use --wbits 8")
+    choices = measure_noise(free_layers, free_activations, plan, mirror, quantizers, stats, images, method, device)
+    for choice in choices:
+        (wbits if choice.layer else abits)[choice.name] = WIDTHS[-1]
+    lower_widths(choices, plan, costs, wbits, abits, allowed)
+    chosen = {c.name: WIDTHS[c.index] for c in choices}
+    weight_costs = Costs(costs.parameters, costs.macs, operations=False)
+    weight_bits = weight_costs.total(plan, wbits, abits)
+    parameters = sum(costs.parameters[w.tensor] for w in plan.weights)
+    mixed = MixedPrecision(
+        budget.text, allowed, weight_bits, round(weight_bits / parameters, 3),
+        Costs(costs.parameters, costs.macs, operations=True).total(plan, wbits, abits),
+        {c.name: chosen[c.name] for c in choices if c.layer}, {c.name: chosen[c.name] for c in choices if not c.layer},
+        {w.node: w.bits for w in plan.weights if w.pinned}, float(sum(c.noise[c.index] for c in choices)))
+    log.info("--mixed-precision %s: %s", budget.text, describe(costs.total(plan, wbits, abits), costs, plan,
+                                                             weight_bits))
+    return mixed
 
 
-def describe(weight_bits: float, parameters: int) -> str:
-    return f"{weight_bits / 8 / 1e6:.3f} MB of weights, {weight_bits / parameters:.2f} bits on average"
+def lower_widths(choices: list[Choice], plan: QuantPlan, costs: Costs, wbits: dict[str, int],
+                 abits: dict[str, int], allowed: float) -> None:
+    """The greedy search: narrow the cheapest width (noise added per budget saved) until the budget holds."""
+    readers = {}
+    for layer in plan.weights:
+        readers.setdefault(layer.input, []).append(layer)
+
+    def saving(choice: Choice, narrower: int) -> float:
+        if choice.layer:
+            layer = choice.layer
+            return costs.layer(layer, wbits[layer.node], abits[layer.input]) - costs.layer(layer, narrower, abits[layer.input])
+        return sum(costs.layer(layer, wbits[layer.node], abits[choice.name]) - costs.layer(layer, wbits[layer.node], narrower)
+                   for layer in readers[choice.name])
+
+    def cost(choice: Choice) -> float:
+        added = choice.noise[choice.index - 1] - choice.noise[choice.index]
+        return added / max(saving(choice, WIDTHS[choice.index - 1]), 1e-30)
+
+    total = costs.total(plan, wbits, abits)
+    while total > allowed:
+        choice = min((c for c in choices if c.index > 0), key=cost)
+        total -= saving(choice, WIDTHS[choice.index - 1])
+        choice.index -= 1
+        (wbits if choice.layer else abits)[choice.name] = WIDTHS[choice.index]
 
 
-def layer_noise(free: list[WeightPlan], plan: QuantPlan, mirror: NetworkMirror, quantizers: QuantizerSet,
-                images: np.ndarray, method: str, device: torch.device) -> dict[str, list[float]]:
-    """For each free layer and each of WIDTHS, the relative output noise with only that layer's
-    weights quantized at that width."""
+def describe(value: float, costs: Costs, plan: QuantPlan, weight_bits: float | None = None) -> str:
+    """The budget's measure in words (and the weight size, for a bit-operation budget)."""
+    parameters = sum(costs.parameters[w.tensor] for w in plan.weights)
+    if not costs.operations:
+        return f"{value / 8 / 1e6:.3f} MB of weights, {value / parameters:.2f} bits on average"
+    text = f"{value / 1e9:.3f} GBOPs per image" if value >= 1e9 else f"{value / 1e6:.3f} MBOPs per image"
+    if weight_bits is not None:
+        text += f", {weight_bits / 8 / 1e6:.3f} MB of weights, {weight_bits / parameters:.2f} bits on average"
+    return text
+
+
+def layer_macs(model: onnx.ModelProto, plan: QuantPlan, mirror: NetworkMirror, image: np.ndarray,
+               device: torch.device) -> dict[str, float]:
+    """Multiply-accumulates per image of every quantized layer, at the size of `image`."""
+    nodes = {n.name: n for n in model.graph.node}
+    wanted = {name for w in plan.weights for name in (nodes[w.node].input[0], nodes[w.node].output[0])}
+    elements = {name: value[0].numel() for name, value in zip(mirror.input_names, [torch.from_numpy(image)])}
+
+    def observe(name: str, value: torch.Tensor) -> None:
+        if name in wanted:
+            elements[name] = value[0].numel()
+
+    with mirror.observing(observe), mirror.quantization(False), torch.no_grad():
+        mirror(torch.from_numpy(image).to(device))
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs = {}
+    for layer in plan.weights:
+        node, shape = nodes[layer.node], shapes[layer.tensor]
+        size = int(np.prod(shape))
+        if node.op_type == "ConvTranspose":  # every input element meets (C_out / group) x kernel weights
+            macs[layer.node] = elements[node.input[0]] * size / shape[0]
+        elif layer.axis is None:  # a constant left operand of MatMul: each output element sums over its last axis
+            macs[layer.node] = elements[node.output[0]] * shape[-1]
+        else:  # each output element sums over the weights of one output channel
+            macs[layer.node] = elements[node.output[0]] * size / shape[layer.axis]
+    return macs
+
+
+def measure_noise(layers: list[WeightPlan], activations: list[str], plan: QuantPlan, mirror: NetworkMirror,
+                  quantizers: QuantizerSet, stats: dict[str, ActivationStats], images: np.ndarray, method: str,
+                  device: torch.device) -> list[Choice]:
+    """For each free layer's weights and each free activation tensor, the relative output noise at
+    each of WIDTHS with only it quantized."""
     weights = mirror.constants()
     batch = torch.from_numpy(images)
     with mirror.quantization(False):
         reference = mirror.outputs(batch, device)
-    noise = {w.node: [0.0] * len(WIDTHS) for w in free}
+
+    def noise(variant: QuantizerSet, switched_on: list) -> float:
+        mirror.attach(variant)
+        with mirror.quantization(False), switched(switched_on, "enabled", True):
+            outputs = mirror.outputs(batch, device)
+        return float(np.mean([10 ** (-o.sqnr_db / 10) for o in fidelity(mirror.output_names, reference, outputs)]))
+
+    def layer_noise(layer: WeightPlan, bits: int) -> float:
+        trial = weight_quantizer(weights[layer.tensor], layer, bits, plan, method)
+        variant = QuantizerSet({**quantizers.weights, layer.tensor: trial}, quantizers.activations, dict(quantizers.biases))
+        switched_on: list = [trial]
+        if layer.bias is not None:
+            variant.biases[layer.bias] = BiasQuantizer(quantizers.activations[layer.input], trial)
+            switched_on.append(variant.biases[layer.bias])
+        return noise(variant, switched_on)
+
+    def activation_noise(tensor: str, bits: int) -> float:
+        trial: Quantizer = activation_quantizer(stats[tensor], plan.target, bits, method).to(device)
+        return noise(QuantizerSet(quantizers.weights, {**quantizers.activations, tensor: trial}, quantizers.biases),
+                     [trial])
+
+    choices = []
     try:
-        for layer in progress_bar(free, desc="measuring layer sensitivity", unit="layer", leave=False):
-            for index, bits in enumerate(WIDTHS):
-                trial = weight_quantizer(weights[layer.tensor], layer, bits, plan, method)
-                variant = QuantizerSet({**quantizers.weights, layer.tensor: trial}, quantizers.activations,
-                                       dict(quantizers.biases))
-                switched_on = [trial]
-                if layer.bias is not None:
-                    variant.biases[layer.bias] = BiasQuantizer(quantizers.activations[layer.input], trial)
-                    switched_on.append(variant.biases[layer.bias])
-                mirror.attach(variant)
-                with mirror.quantization(False), switched(switched_on, "enabled", True):
-                    outputs = mirror.outputs(batch, device)
-                names = mirror.output_names
-                noise[layer.node][index] = float(np.mean([10 ** (-o.sqnr_db / 10)
-                                                          for o in fidelity(names, reference, outputs)]))
+        for layer in progress_bar(layers, desc="measuring layer sensitivity", unit="layer", leave=False):
+            choices.append(Choice(layer.node, layer, [layer_noise(layer, bits) for bits in WIDTHS]))
+        for tensor in progress_bar(activations, desc="measuring activation sensitivity", unit="tensor", leave=False):
+            choices.append(Choice(tensor, None, [activation_noise(tensor, bits) for bits in WIDTHS]))
     finally:
         mirror.attach(quantizers)
-    return noise
+    return choices

@@ -21,7 +21,7 @@ from .config import QuantizeConfig, check_options, parse_budget
 from .errors import Interrupted, RunFailed, UserError, first_line
 from .export import export_qdq
 from .files import check_writable_folder, stage_model, write_atomically
-from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs, initializer_sizes
+from .graph import dims, dynamic_image_axes, has_depthwise_conv, image_inputs
 from .losses import LOSS_IMAGES, unit_errors
 from .mirror import NetworkMirror
 from .mixed_precision import SEARCH_IMAGES, MixedPrecision, choose_widths
@@ -150,10 +150,12 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
     mirror.attach(quantizers)
     mixed = None
     if config.mixed_precision:
-        mixed = choose_widths(parse_budget(config.mixed_precision), plan, mirror, quantizers,
-                              data.inputs[:SEARCH_IMAGES], initializer_sizes(prepared.model), config.init, device)
-        options = replace(options, overrides={**options.overrides, **mixed.overrides(config.activation_bits)})
+        mixed = choose_widths(parse_budget(config.mixed_precision), plan, mirror, quantizers, stats,
+                              data.inputs[:SEARCH_IMAGES], prepared.model, config.init, device)
+        options = replace(options, overrides={**options.overrides, **mixed.overrides(plan)})
         plan = make_plan(prepared.model, options)
+        if any(a.tensor not in stats for a in plan.activations):  # 8-bit Conv outputs ONNX Runtime fuses
+            stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
         quantizers = build_quantizers(mirror, plan, stats, config.init)
         mirror.attach(quantizers)
     mirror.to(device)

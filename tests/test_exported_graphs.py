@@ -202,3 +202,19 @@ def test_an_input_size_the_model_rejects(fpn, calib, tmp_path):
     message = result.output.strip().splitlines()[-1]
     assert message.startswith("error: the model does not run on input [3, 36, 36] (--input-size): ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_analyze_and_mixed_precision_on_a_fixed_batch_and_a_dynamic_size_graph(exported_model, fpn, calib, tmp_path):
+    """Both take graphs as users export them: the dynamo exporter's batch of 1, and a detector with
+    dynamic height and width (at --input-size, checked again at a second size)."""
+    static, _ = exported_model("resnet18", "dynamo_static")
+    for model, preprocess, layers, budget in ((static, {}, 21, 40e6), (fpn, {"input_size": "32"}, 15, 25e6)):
+        analysis = onnxmodcap.analyze(model, calib, bits=4, num_calib=CALIB, preprocess=preprocess)
+        assert len({s.part.name for s in analysis.ranked("layer") if s.part.quantized == "weights"}) == layers
+        assert all(f.sqnr_db > 0 for s in analysis.parts for f in s.only)
+        result = onnxmodcap.quantize(model, calib, method="rtn", bits=4, mixed_precision=f"{budget:.0f}BOPs",
+                                     num_calib=CALIB, output=str(tmp_path / "mixed.onnx"), preprocess=preprocess)
+        assert result.validation.parity_ok and signature(result.output) == signature(model)
+        assert result.report.mixed_precision.bit_operations <= budget
+        assert len(set(result.report.mixed_precision.activation_widths.values())) > 1
+    assert result.validation.second_size.ok

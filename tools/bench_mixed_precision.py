@@ -1,15 +1,18 @@
-"""Mixed precision against uniform widths at the same weight size, on the shipped models.
+"""Mixed precision against uniform widths at the same weight size or bit operations, on the shipped models.
 
     python tools/bench_mixed_precision.py run --results mixed.jsonl \\
-        --run resnet18:3:4:rtn --run resnet18:4:4:rtn --run mobilenetv2_x0_5:3:4:rtn ...
+        --run resnet18:3:4:rtn --run resnet18:4:4:rtn --run mobilenetv2_x0_5:3:4:rtn:bops ...
     python tools/bench_mixed_precision.py render --results mixed.jsonl
     python tools/bench_mixed_precision.py units --model resnet18 --wbits 4 --abits 4 --method qdrop
 
-A cell is MODEL:WBITS:ABITS:METHOD (MODEL: a stem in --models). For each cell and seed it
-quantizes the model with uniform weight widths (`--wbits WBITS`, first and last layers at 8 bits),
-measures the written model's average weight bits, quantizes it again with `--mixed-precision` at
-that average (rounded down to 4 decimals; same method, activations and seed), and evaluates both
-on the whole test set against the float model. One JSON line per cell and seed goes to --results;
+A cell is MODEL:WBITS:ABITS:METHOD[:BUDGET] (MODEL: a stem in --models; BUDGET `bits`, the
+default, or `bops`). For each cell and seed it quantizes the model with uniform widths (`--wbits
+WBITS --abits ABITS`, first and last layers at 8 bits), measures the written model's average
+weight bits and its bit operations per image (multiply-accumulates from ONNX shape inference x
+weight bits x input activation bits), quantizes it again with `--mixed-precision` at that average
+(rounded down to 4 decimals) or, for `bops`, at those bit operations (rounded down; activation
+widths are then chosen too), with the same method and seed, and evaluates both on the whole test
+set against the float model. One JSON line per cell and seed goes to --results;
 cells already there are skipped. The times are of the quantize calls alone; the mixed one includes
 the width search.
 
@@ -32,7 +35,7 @@ import onnx
 
 import onnxmodcap
 from onnxmodcap.evaluate import evaluate
-from onnxmodcap.graph import initializer_sizes
+from onnxmodcap.graph import initializer_sizes, node_attributes
 
 from benchgrid import markdown_table, parse_cell, read_records, run_cells
 
@@ -44,49 +47,86 @@ def average_weight_bits(result) -> float:
     return sum(size * bits for size, bits in weights) / sum(size for size, _ in weights)
 
 
+def bit_operations(model_path: Path, plan) -> float:
+    """Bit operations per image of a plan: multiply-accumulates counted from ONNX shape inference on
+    the source model (Conv C_out x H x W x C_in/group x kernel, Gemm rows x N x K) x weight bits x
+    input activation bits. Independent of onnxmodcap's own count, which runs the model."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(model_path))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.output)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    abits = {a.tensor: a.bits for a in plan.activations}
+    total = 0.0
+    for layer in plan.weights:
+        node = nodes[layer.node]
+        outputs = float(np.prod(shapes[node.output[0]][1:]))
+        if node.op_type == "Conv":
+            _, inputs_per_group, *kernel = weights[node.input[1]]
+            macs = outputs * inputs_per_group * float(np.prod(kernel))
+        elif node.op_type == "Gemm" and node_attributes(node).get("transB"):
+            macs = outputs * weights[node.input[1]][1]
+        else:
+            raise ValueError(f"{node.op_type} {node.name}: only Conv and Gemm (transB) are counted here")
+        total += macs * layer.bits * abits[layer.input]
+    return total
+
+
 def measure(cell: dict, seed: int, args) -> dict:
     model = args.models / f"{cell['model']}.onnx"
-    options = dict(abits=int(cell["abits"]), method=cell["method"], seed=seed, num_calib=args.num_calib)
+    options = dict(method=cell["method"], seed=seed, num_calib=args.num_calib)
     record = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, extra in (("uniform", {"wbits": int(cell["wbits"])}), ("mixed", None)):
-            if extra is None:
-                extra = {"mixed_precision": f"{math.floor(record['uniform_bits'] * 1e4) / 1e4:.4f}"}
+        for name in ("uniform", "mixed"):
+            if name == "uniform":
+                extra = {"wbits": int(cell["wbits"]), "abits": int(cell["abits"])}
+            elif cell["budget"] == "bops":
+                extra = {"abits": int(cell["abits"]), "mixed_precision": f"{math.floor(record['uniform_bops'])}BOPs"}
+            else:
+                extra = {"abits": int(cell["abits"]),
+                         "mixed_precision": f"{math.floor(record['uniform_bits'] * 1e4) / 1e4:.4f}"}
             output = Path(folder) / f"{name}.onnx"
             started = time.monotonic()
             result = onnxmodcap.quantize(model, args.calib, output=output, **options, **extra)
             seconds = time.monotonic() - started
             evaluation = evaluate(str(output), str(args.data), reference_path=str(model))
-            record |= {f"{name}_bits": average_weight_bits(result), f"{name}_top1": evaluation.top1,
-                       f"{name}_agreement": evaluation.agreement, f"{name}_kl": evaluation.kl,
-                       f"{name}_sqnr_db": result.validation.fidelity[0].sqnr_db, f"{name}_seconds": round(seconds, 1)}
+            record |= {f"{name}_bits": average_weight_bits(result), f"{name}_bops": bit_operations(model, result.report.plan),
+                       f"{name}_top1": evaluation.top1, f"{name}_agreement": evaluation.agreement,
+                       f"{name}_kl": evaluation.kl, f"{name}_sqnr_db": result.validation.fidelity[0].sqnr_db,
+                       f"{name}_seconds": round(seconds, 1)}
             if name == "mixed":
                 record["widths"] = result.report.mixed_precision.widths
+                record["activation_widths"] = result.report.mixed_precision.activation_widths
     return record
 
 
 def run(args) -> None:
-    cells = [parse_cell(text, ("model", "wbits", "abits", "method")) for text in args.run]
+    cells = [parse_cell(text, ("model", "wbits", "abits", "method", "budget"), {"budget": "bits"}) for text in args.run]
     run_cells(cells, args.seeds, args.results, lambda cell, seed: measure(cell, seed, args),
-              key=lambda r: (r["model"], r["wbits"], r["abits"], r["method"], r["seed"]))
+              key=lambda r: (r["model"], r["wbits"], r["abits"], r["method"], r.get("budget", "bits"), r["seed"]))
 
 
 def render(args) -> None:
     groups: dict[tuple, list[dict]] = {}
     for record in read_records(args.results):
-        groups.setdefault((record["model"], record["wbits"], record["abits"], record["method"]), []).append(record)
+        key = (record["model"], record["wbits"], record["abits"], record["method"], record.get("budget", "bits"))
+        groups.setdefault(key, []).append(record)
     rows = []
-    for (model, wbits, abits, method), records in sorted(groups.items()):
+    for (model, wbits, abits, method, budget), records in sorted(groups.items()):
         mean = lambda field: statistics.fmean(r[field] for r in records)  # noqa: E731
-        rows.append([model, f"W{wbits}A{abits}", method, len(records), f"{mean('uniform_bits'):.3f}",
-                     f"{mean('mixed_bits'):.3f}", f"{100 * mean('uniform_top1'):.2f}", f"{100 * mean('mixed_top1'):.2f}",
+        if budget == "bops":
+            sizes = f"{mean('uniform_bops') / 1e6:.1f} / {mean('mixed_bops') / 1e6:.1f} MBOPs"
+        else:
+            sizes = f"{mean('uniform_bits'):.3f} / {mean('mixed_bits'):.3f} bits"
+        rows.append([model, f"W{wbits}A{abits}", method, len(records), sizes,
+                     f"{100 * mean('uniform_top1'):.2f}", f"{100 * mean('mixed_top1'):.2f}",
                      f"{100 * (mean('mixed_top1') - mean('uniform_top1')):+.2f}",
                      f"{100 * mean('uniform_agreement'):.2f}", f"{100 * mean('mixed_agreement'):.2f}",
                      f"{mean('uniform_sqnr_db'):.1f} / {mean('mixed_sqnr_db'):.1f}",
                      f"{mean('uniform_seconds'):.0f} / {mean('mixed_seconds'):.0f}"])
-    print(markdown_table(["model", "uniform W/A", "method", "seeds", "uniform bits", "mixed bits", "uniform top-1 %",
+    print(markdown_table(["model", "uniform W/A", "method", "seeds", "budget uniform / mixed", "uniform top-1 %",
                           "mixed top-1 %", "Δ", "uniform agreement %", "mixed agreement %", "SQNR dB uniform / mixed",
-                          "quantize s uniform / mixed"], rows, numeric=[False] * 3 + [True] * 10))
+                          "quantize s uniform / mixed"], rows, numeric=[False] * 3 + [True] + [False] + [True] * 7))
 
 
 def ranks(values: list[float]) -> np.ndarray:

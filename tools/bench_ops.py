@@ -107,8 +107,8 @@ weight = torch.rand(64, 64, 3, 3)  # 37k values
 print(f"compare {ms(lambda: small >= 0.1):.3f} ms, multiply {ms(lambda: small * small):.3f} ms (100k)")
 print(f"rand_like {ms(lambda: torch.rand_like(large)):.3f} ms (200k)")
 print(f"pow {ms(lambda: weight.pow(6.3)):.3f} ms, exp(log) {ms(lambda: torch.log(weight).mul_(6.3).exp_()):.3f} ms (37k)")
-for fused in (False, True):
+for fused_adam in (False, True):
     weights = torch.nn.Parameter(torch.randn(128, 128, 3, 3))
     weights.grad = torch.randn_like(weights)
-    optimizer = torch.optim.Adam([weights], lr=1e-3, fused=fused)
-    print(f"Adam fused={fused} {ms(optimizer.step, 200):.3f} ms (147k)")
+    optimizer = torch.optim.Adam([weights], lr=1e-3, fused=fused_adam)
+    print(f"Adam fused={fused_adam} {ms(optimizer.step, 200):.3f} ms (147k)")
