@@ -69,7 +69,7 @@ MODELS = {
     "ppocrv5_det": RealModel("ppocrv5_det.onnx", "det", "ocr_det_calib", "ocr_det_heldout",  # ImageNet std, averaged
                              grey_level=1 / (255 * 0.226), flags={"input_size": "640"}, batch_size=4, images=48),
 }
-BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w3a4": (3, 4)}
 AIMET_PYTHON = os.environ.get("ONNXMODCAP_AIMET_PYTHON", "/tmp/peers/aimet/bin/python")
 
 
