@@ -30,7 +30,8 @@ def parse_cell(text: str, fields: Sequence[str], defaults: dict[str, str] | None
     required = len(fields) - sum(1 for name in fields if name in optional)
     if not required <= len(parts) <= len(fields):
         raise SystemExit(f"bad cell {text!r}: expected {':'.join(fields)}")
-    return {**optional, **dict(zip(fields, parts))}
+    given = {**optional, **dict(zip(fields, parts))}
+    return {name: given[name] for name in fields}
 
 
 def read_records(paths: Iterable[Path], failed: bool = False) -> list[dict]:
