@@ -60,7 +60,10 @@ def bit_operations(model_path: Path, plan) -> float:
     total = 0.0
     for layer in plan.weights:
         node = nodes[layer.node]
-        outputs = float(np.prod(shapes[node.output[0]][1:]))
+        dims = shapes.get(node.output[0], [])[1:]
+        if not dims or 0 in dims:
+            raise ValueError(f"{node.name}: shape inference left the output's size unknown")
+        outputs = float(np.prod(dims))
         if node.op_type == "Conv":
             _, inputs_per_group, *kernel = weights[node.input[1]]
             macs = outputs * inputs_per_group * float(np.prod(kernel))
