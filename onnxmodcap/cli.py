@@ -281,8 +281,8 @@ DEPTHWISE = network_defaults(depthwise=True)
 @click.option("--mixed-precision", metavar="BUDGET",
               help="Per-layer widths from " + ",".join(map(str, MIXED_PRECISION_WIDTHS)) + " that fit BUDGET, chosen by "
                    "measured sensitivity: average weight bits (e.g. 4.5) or a weight size (e.g. 3MB) set weight "
-                   "widths; bit operations per image (e.g. 20GBOPs) set weight and activation widths. --overrides "
-                   "and the kept ends still hold.")
+                   "widths; bit operations per image (e.g. 20GBOPs) set weight and activation widths (TensorRT: "
+                   "weight widths). --overrides and the kept ends still hold.")
 @click.option("--exclude-nodes", "--exclude", "exclude_nodes", multiple=True,
               help="Regex of node names kept in float (repeatable).")
 @click.option("--exclude-op-types", multiple=True, callback=split_commas,

@@ -167,8 +167,9 @@ def parse_budget(text: str) -> Budget:
         return Budget(text, average_bits=value)
     if unit in SIZE_UNITS:
         return Budget(text, size_bytes=value * SIZE_UNITS[unit])
-    if unit.rstrip("s") + "s" in OPERATION_UNITS:
-        return Budget(text, bit_operations=value * OPERATION_UNITS[unit.rstrip("s") + "s"])
+    operations_unit = unit if unit.endswith("s") else unit + "s"  # GBOP or GBOPs
+    if operations_unit in OPERATION_UNITS:
+        return Budget(text, bit_operations=value * OPERATION_UNITS[operations_unit])
     raise UserError(f"--mixed-precision {text!r}: unknown unit {match.group(2)!r}: use B, kB, MB, GB, KiB, MiB or "
                     "GiB for a weight size, BOPs, kBOPs, MBOPs, GBOPs or TBOPs for bit operations per image")
 

@@ -1,7 +1,7 @@
 """The straight-through activation quantizer as compiled CPU kernels, for real-resolution tensors.
 
-Run op by op, `quantizers.StraightThroughQuantize` makes about nine passes over its tensor in the
-forward pass and converts its boolean masks in the backward pass. At 224x224 a unit's activation
+Run op by op, `quantizers.StraightThroughQuantize` makes five float passes and four boolean ones
+over its tensor in the forward pass and converts its boolean mask in the backward pass. At 224x224 a unit's activation
 holds tens of millions of values, every pass is memory-bound, and these passes cost more than the
 unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels"). torch.compile
 turns each direction into one loop: the forward pass reads x and QDrop's keep mask and writes the
@@ -79,11 +79,17 @@ def compiled(kernel):
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.compile can build CPU kernels here (it needs a C++ compiler)."""
+    """Whether torch.compile can build the CPU kernels here (it needs a C++ compiler): every kernel
+    is compiled once on a small tensor and checked against its op-by-op result."""
     x = torch.linspace(-2, 2, 64)
-    bounds = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(-8.0), torch.tensor(7.0))
+    operands = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(-8.0), torch.tensor(7.0))
+    keep = (torch.arange(64) % 3 > 0).view(torch.uint8)
     try:
-        works = torch.equal(compiled(quantized_values)(x, *bounds, None), quantized_values(x, *bounds, None))
+        works = all(torch.allclose(compiled(kernel)(*inputs, *operands, mask), kernel(*inputs, *operands, mask),
+                                   rtol=1e-5, atol=0)
+                    for kernel, inputs in ((quantized_values, (x,)), (input_gradient, (x, x)),
+                                           (step_size_gradient, (x, x)))
+                    for mask in (None, keep))
     except Exception as err:  # noqa: BLE001 - whatever stops compilation, the op-by-op quantizer runs
         works, reason = False, f"{type(err).__name__}: {first_line(err)}"
     else:
@@ -105,7 +111,8 @@ def flat(t: torch.Tensor) -> torch.Tensor | None:
 
 def applies(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= FUSED_MIN_ELEMENTS
-            and flat(x) is not None and (keep is None or (keep.shape, keep.stride()) == (x.shape, x.stride()))
+            and flat(x) is not None
+            and (keep is None or (keep.dtype, keep.shape, keep.stride()) == (torch.bool, x.shape, x.stride()))
             and available())
 
 

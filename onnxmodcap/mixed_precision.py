@@ -85,97 +85,105 @@ class Choice:
 
 @dataclass
 class Costs:
-    """What a budget counts: weight bits, or bit operations per image."""
+    """What budgets count: weight bits, or bit operations per image."""
 
     parameters: dict[str, int]  # weight elements, by weight tensor
     macs: dict[str, float]  # multiply-accumulates per image, by layer node
-    operations: bool  # True: the budget counts bit operations
 
-    def layer(self, layer: WeightPlan, wbits: float, abits: float) -> float:
-        if self.operations:
+    def layer(self, layer: WeightPlan, wbits: int, abits: int, operations: bool) -> float:
+        if operations:
             return self.macs[layer.node] * wbits * abits
         return self.parameters[layer.tensor] * wbits
 
-    def total(self, plan: QuantPlan, wbits: dict[str, int], abits: dict[str, int]) -> float:
-        return sum(self.layer(w, wbits[w.node], abits[w.input]) for w in plan.weights)
+    def total(self, plan: QuantPlan, wbits: dict[str, int], abits: dict[str, int], operations: bool) -> float:
+        return sum(self.layer(w, wbits[w.node], abits[w.input], operations) for w in plan.weights)
 
 
 def choose_widths(budget: Budget, plan: QuantPlan, mirror: NetworkMirror, quantizers: QuantizerSet,
                   stats: dict[str, ActivationStats], images: np.ndarray, model: onnx.ModelProto, method: str,
                   device: torch.device) -> MixedPrecision:
     """The widths of the free layers (and activations) of `plan`, calibrated as `quantizers`, that meet `budget`."""
-    operations = budget.bit_operations is not None
-    costs = Costs(initializer_sizes(model), layer_macs(model, plan, mirror, images[:1], device), operations)
     free_layers = [w for w in plan.weights if not w.pinned]
     if not free_layers:
         raise UserError("--mixed-precision: every quantized layer's width is given (--overrides, first and last "
                         "layers): nothing to choose")
+    operations = budget.bit_operations is not None
+    costs = Costs(initializer_sizes(model), layer_macs(model, plan, mirror, images[:1], device))
+    readers = layer_readers(plan)
+    free_names = {w.node for w in free_layers}
+    # an activation width is free where every reader of the tensor is a free layer (not the output
+    # quantizer ONNX Runtime needs after an 8-bit Conv, which plan.py lists with the Conv as consumer)
     free_activations = [a.tensor for a in plan.activations if operations and plan.target == "ort"
-                        and set(a.consumers) <= {w.node for w in free_layers}]
+                        and a.tensor in readers and set(a.consumers) <= free_names]
     wbits = {w.node: w.bits for w in plan.weights}
     abits = {a.tensor: a.bits for a in plan.activations}
-    allowed = budget.value(sum(costs.parameters[w.tensor] for w in plan.weights))
+    parameters = sum(costs.parameters[w.tensor] for w in plan.weights)
+    allowed = budget.value(parameters)
 
-    def total(width: int) -> float:
-        return costs.total(plan, {**wbits, **dict.fromkeys((w.node for w in free_layers), width)},
-                           {**abits, **dict.fromkeys(free_activations, width)})
+    def everywhere(width: int) -> float:
+        return costs.total(plan, {**wbits, **dict.fromkeys(free_names, width)},
+                           {**abits, **dict.fromkeys(free_activations, width)}, operations)
 
-    if allowed < total(WIDTHS[0]):
-        raise UserError(f"--mixed-precision {budget.text} is below what {WIDTHS[0]}-bit "
-                        f"{'widths' if free_activations else 'weights'} everywhere give "
-                        f"({describe(total(WIDTHS[0]), costs, plan)})")
-    if allowed >= total(WIDTHS[-1]):
-        raise UserError(f"--mixed-precision {budget.text} is at or above what {WIDTHS[-1]}-bit "
-                        f"{'widths' if free_activations else 'weights'} everywhere give "
-                        f"({describe(total(WIDTHS[-1]), costs, plan)}): use --wbits 8")
+    what = "widths" if free_activations else "weights"
+    if allowed < everywhere(WIDTHS[0]):
+        raise UserError(f"--mixed-precision {budget.text} is below what {WIDTHS[0]}-bit {what} everywhere give "
+                        f"({describe(everywhere(WIDTHS[0]), operations, parameters)})")
+    if allowed >= everywhere(WIDTHS[-1]):
+        raise UserError(f"--mixed-precision {budget.text} is at or above what {WIDTHS[-1]}-bit {what} everywhere "
+                        f"give ({describe(everywhere(WIDTHS[-1]), operations, parameters)}): use "
+                        f"{'--bits 8' if free_activations else '--wbits 8'}")
     choices = measure_noise(free_layers, free_activations, plan, mirror, quantizers, stats, images, method, device)
     for choice in choices:
-        (wbits if choice.layer else abits)[choice.name] = WIDTHS[-1]
-    lower_widths(choices, plan, costs, wbits, abits, allowed)
-    chosen = {c.name: WIDTHS[c.index] for c in choices}
-    weight_costs = Costs(costs.parameters, costs.macs, operations=False)
-    weight_bits = weight_costs.total(plan, wbits, abits)
-    parameters = sum(costs.parameters[w.tensor] for w in plan.weights)
+        (abits if choice.layer is None else wbits)[choice.name] = WIDTHS[-1]
+    lower_widths(choices, plan, readers, costs, operations, wbits, abits, allowed)
+    weight_bits = costs.total(plan, wbits, abits, operations=False)
     mixed = MixedPrecision(
         budget.text, allowed, weight_bits, round(weight_bits / parameters, 3),
-        Costs(costs.parameters, costs.macs, operations=True).total(plan, wbits, abits),
-        {c.name: chosen[c.name] for c in choices if c.layer}, {c.name: chosen[c.name] for c in choices if not c.layer},
+        costs.total(plan, wbits, abits, operations=True),
+        {c.name: WIDTHS[c.index] for c in choices if c.layer is not None},
+        {c.name: WIDTHS[c.index] for c in choices if c.layer is None},
         {w.node: w.bits for w in plan.weights if w.pinned}, float(sum(c.noise[c.index] for c in choices)))
-    log.info("--mixed-precision %s: %s", budget.text, describe(costs.total(plan, wbits, abits), costs, plan,
-                                                             weight_bits))
+    log.info("--mixed-precision %s: %s", budget.text, describe(mixed.bit_operations, True, parameters, weight_bits)
+             if operations else describe(weight_bits, False, parameters))
     return mixed
 
 
-def lower_widths(choices: list[Choice], plan: QuantPlan, costs: Costs, wbits: dict[str, int],
-                 abits: dict[str, int], allowed: float) -> None:
-    """The greedy search: narrow the cheapest width (noise added per budget saved) until the budget holds."""
+def layer_readers(plan: QuantPlan) -> dict[str, list[WeightPlan]]:
+    """The quantized layers that read each activation tensor."""
     readers = {}
     for layer in plan.weights:
         readers.setdefault(layer.input, []).append(layer)
+    return readers
 
-    def saving(choice: Choice, narrower: int) -> float:
-        if choice.layer:
+
+def lower_widths(choices: list[Choice], plan: QuantPlan, readers: dict[str, list[WeightPlan]], costs: Costs,
+                 operations: bool, wbits: dict[str, int], abits: dict[str, int], allowed: float) -> None:
+    """The greedy search: narrow the cheapest width (noise added per unit of budget saved) until the
+    budget holds."""
+    def saving(choice: Choice) -> float:
+        narrower = WIDTHS[choice.index - 1]
+        if choice.layer is not None:
             layer = choice.layer
-            return costs.layer(layer, wbits[layer.node], abits[layer.input]) - costs.layer(layer, narrower, abits[layer.input])
-        return sum(costs.layer(layer, wbits[layer.node], abits[choice.name]) - costs.layer(layer, wbits[layer.node], narrower)
-                   for layer in readers[choice.name])
+            return (costs.layer(layer, wbits[layer.node], abits[layer.input], operations)
+                    - costs.layer(layer, narrower, abits[layer.input], operations))
+        return sum(costs.layer(layer, wbits[layer.node], abits[choice.name], operations)
+                   - costs.layer(layer, wbits[layer.node], narrower, operations) for layer in readers[choice.name])
 
     def cost(choice: Choice) -> float:
         added = choice.noise[choice.index - 1] - choice.noise[choice.index]
-        return added / max(saving(choice, WIDTHS[choice.index - 1]), 1e-30)
+        return added / max(saving(choice), 1e-30)
 
-    total = costs.total(plan, wbits, abits)
-    while total > allowed:
-        choice = min((c for c in choices if c.index > 0), key=cost)
-        total -= saving(choice, WIDTHS[choice.index - 1])
+    narrowable = [c for c in choices if c.index > 0]
+    while narrowable and costs.total(plan, wbits, abits, operations) > allowed:
+        choice = min(narrowable, key=cost)
         choice.index -= 1
-        (wbits if choice.layer else abits)[choice.name] = WIDTHS[choice.index]
+        (abits if choice.layer is None else wbits)[choice.name] = WIDTHS[choice.index]
+        narrowable = [c for c in choices if c.index > 0]
 
 
-def describe(value: float, costs: Costs, plan: QuantPlan, weight_bits: float | None = None) -> str:
-    """The budget's measure in words (and the weight size, for a bit-operation budget)."""
-    parameters = sum(costs.parameters[w.tensor] for w in plan.weights)
-    if not costs.operations:
+def describe(value: float, operations: bool, parameters: int, weight_bits: float | None = None) -> str:
+    """A budget's measure in words (and the weight size, for bit operations)."""
+    if not operations:
         return f"{value / 8 / 1e6:.3f} MB of weights, {value / parameters:.2f} bits on average"
     text = f"{value / 1e9:.3f} GBOPs per image" if value >= 1e9 else f"{value / 1e6:.3f} MBOPs per image"
     if weight_bits is not None:
@@ -185,14 +193,12 @@ def describe(value: float, costs: Costs, plan: QuantPlan, weight_bits: float | N
 
 def layer_macs(model: onnx.ModelProto, plan: QuantPlan, mirror: NetworkMirror, image: np.ndarray,
                device: torch.device) -> dict[str, float]:
-    """Multiply-accumulates per image of every quantized layer, at the size of `image`."""
+    """Multiply-accumulates per image of every quantized layer, running `image` (one image) through the mirror."""
     nodes = {n.name: n for n in model.graph.node}
-    wanted = {name for w in plan.weights for name in (nodes[w.node].input[0], nodes[w.node].output[0])}
-    elements = {name: value[0].numel() for name, value in zip(mirror.input_names, [torch.from_numpy(image)])}
+    elements = {mirror.input_names[0]: image.size}
 
     def observe(name: str, value: torch.Tensor) -> None:
-        if name in wanted:
-            elements[name] = value[0].numel()
+        elements[name] = value.numel()
 
     with mirror.observing(observe), mirror.quantization(False), torch.no_grad():
         mirror(torch.from_numpy(image).to(device))
@@ -203,10 +209,12 @@ def layer_macs(model: onnx.ModelProto, plan: QuantPlan, mirror: NetworkMirror, i
         size = int(np.prod(shape))
         if node.op_type == "ConvTranspose":  # every input element meets (C_out / group) x kernel weights
             macs[layer.node] = elements[node.input[0]] * size / shape[0]
-        elif layer.axis is None:  # a constant left operand of MatMul: each output element sums over its last axis
-            macs[layer.node] = elements[node.output[0]] * shape[-1]
-        else:  # each output element sums over the weights of one output channel
+        elif node.op_type in ("Conv", "Gemm"):  # each output element sums over one output channel's weights
             macs[layer.node] = elements[node.output[0]] * size / shape[layer.axis]
+        elif layer.axis is None:  # MatMul, constant on the left (..., M, K): sums over its last axis
+            macs[layer.node] = elements[node.output[0]] * shape[-1]
+        else:  # MatMul, constant on the right (..., K, N) or (K,): sums over K
+            macs[layer.node] = elements[node.output[0]] * (shape[-2] if len(shape) > 1 else shape[0])
     return macs
 
 

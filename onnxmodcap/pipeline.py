@@ -154,13 +154,15 @@ def simulate(model_path: Path, calib_path: Path, config: QuantizeConfig, device:
                               data.inputs[:SEARCH_IMAGES], prepared.model, config.init, device)
         options = replace(options, overrides={**options.overrides, **mixed.overrides(plan)})
         plan = make_plan(prepared.model, options)
-        if any(a.tensor not in stats for a in plan.activations):  # 8-bit Conv outputs ONNX Runtime fuses
-            stats = collect_activation_stats(mirror, plan, data.inputs, config.batch_size, device, config.seed)
+        missing = replace(plan, activations=[a for a in plan.activations if a.tensor not in stats])
+        if missing.activations:  # outputs of Convs now left with 8-bit inputs, which ONNX Runtime fuses
+            with mirror.quantization(False):
+                stats |= collect_activation_stats(mirror, missing, data.inputs, config.batch_size, device, config.seed)
         quantizers = build_quantizers(mirror, plan, stats, config.init)
         mirror.attach(quantizers)
     mirror.to(device)
     return Simulation(prepared, units, plan, mirror, quantizers, data, preprocessing,
-                      sum(s.elements_per_image for s in stats.values()), mixed)
+                      sum(stats[a.tensor].elements_per_image for a in plan.activations), mixed)
 
 
 def reconstruct_stage(context: RunContext, sim: Simulation) \

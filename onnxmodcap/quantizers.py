@@ -223,7 +223,7 @@ class Quantizer(nn.Module):
         if self.straight_through and self.alpha is None:
             gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
             keep = self.kept_elements(x)
-            if fused.applies(x, keep):
+            if self.axis is None and fused.applies(x, keep):
                 low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
                 return fused.FusedStraightThroughQuantize.apply(x, scale, zero_point, low, high, gradient_scale, keep)
             return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, keep)

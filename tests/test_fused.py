@@ -10,7 +10,7 @@ import torch
 from onnxmodcap import fused
 from onnxmodcap.quantizers import Grid, Quantizer, StraightThroughQuantize, keep_mask
 
-SHAPE = (8, 32, 64, 64)  # just above fused.FUSED_MIN_ELEMENTS
+SHAPE = (8, 32, 64, 64)  # 2^20 values: the smallest size fused.FUSED_MIN_ELEMENTS takes
 
 
 def activation_quantizer(grid: Grid, drop_prob: float, learned: bool) -> Quantizer:

@@ -94,6 +94,19 @@ def test_a_bit_operation_budget_chooses_weight_and_activation_widths(exported_mo
         chosen.activation_widths
 
 
+def test_a_bit_operation_budget_at_8_bit_activations_for_onnx_runtime(exported_model, calib_tensors, tmp_path):
+    """W4A8: Convs left with 8-bit inputs get the output quantizers ONNX Runtime fuses, calibrated
+    on the float model like every other tensor; those outputs are never widths of their own."""
+    path, _ = exported_model("resnet18", "legacy")
+    result = onnxmodcap.quantize(path, calib_tensors, method="rtn", wbits=4, abits=8, mixed_precision="100MBOPs",
+                                 num_calib=CALIB, output=tmp_path / "mixed.onnx")
+    assert_exact(result)
+    chosen, plan = result.report.mixed_precision, result.report.plan
+    read = {w.input for w in plan.weights}
+    assert chosen.activation_widths and set(chosen.activation_widths) <= read
+    assert chosen.bit_operations == pytest.approx(bit_operations(path, plan), rel=1e-9) and chosen.bit_operations <= 100e6
+
+
 def test_a_bit_operation_budget_keeps_8_bit_activations_for_tensorrt(exported_model, calib_tensors, tmp_path):
     path, _ = exported_model("resnet18", "legacy")
     result = onnxmodcap.quantize(path, calib_tensors, method="rtn", wbits=4, abits=8, target="tensorrt",
