@@ -3,10 +3,10 @@
 Run op by op, `quantizers.StraightThroughQuantize` makes five float passes and four boolean ones
 over its tensor in the forward pass and converts its boolean mask in the backward pass. At 224x224
 a unit's activation holds tens of millions of values, every pass is memory-bound, and these passes
-cost more than the unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels"). torch.compile
-turns each direction into one loop: the forward pass reads x and QDrop's keep mask and writes the
-output; the backward pass reads the incoming gradient, x and the mask and writes the gradient to x,
-or sums the step size's gradient.
+cost more than the unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels").
+torch.compile turns each direction into one loop: the forward pass reads x and QDrop's keep mask
+and writes the output; the backward pass reads the incoming gradient, x and the mask and writes the
+gradient to x, or sums the step size's gradient.
 
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
 round half to even, clamp, multiply, lerp with a weight of exactly 0 or 1), so the output and the
