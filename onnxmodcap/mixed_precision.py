@@ -125,12 +125,13 @@ def choose_widths(budget: Budget, plan: QuantPlan, mirror: NetworkMirror, quanti
                            {**abits, **dict.fromkeys(free_activations, width)}, operations)
 
     what = "widths" if free_activations else "weights"
-    if allowed < everywhere(WIDTHS[0]):
+    lowest, highest = everywhere(WIDTHS[0]), everywhere(WIDTHS[-1])
+    if allowed < lowest:
         raise UserError(f"--mixed-precision {budget.text} is below what {WIDTHS[0]}-bit {what} everywhere give "
-                        f"({describe(everywhere(WIDTHS[0]), operations, parameters)})")
-    if allowed >= everywhere(WIDTHS[-1]):
+                        f"({describe(lowest, operations, parameters)})")
+    if allowed >= highest:
         raise UserError(f"--mixed-precision {budget.text} is at or above what {WIDTHS[-1]}-bit {what} everywhere "
-                        f"give ({describe(everywhere(WIDTHS[-1]), operations, parameters)}): use "
+                        f"give ({describe(highest, operations, parameters)}): use "
                         f"{'--bits 8' if free_activations else '--wbits 8'}")
     choices = measure_noise(free_layers, free_activations, plan, mirror, quantizers, stats, images, method, device)
     for choice in choices:
