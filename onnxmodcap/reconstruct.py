@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,13 @@ import torch
 
 from .checkpoint import Checkpointer, set_device_rng_state
 from .losses import measure_loss, output_error, prediction_difference
-from .mirror import NetworkMirror, UnitMirror, as_tuple, switched
+from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .pdquant import Prediction, float_predictions, prediction_data
 from .progress import progress_bar
 from .quantizers import QuantizerSet, keep_mask
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
-from .tensor_cache import DEFAULT_CACHE_BYTES, TensorCache, TensorStream, UnitData, image_layout, read_after
+from .tensor_cache import (DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout,
+                           read_after)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class UnitResult:
     seconds: float
     distribution_correction: str = ""  # pdquant: what the correction did for this unit
     correction_seconds: float = 0.0  # pdquant: time of the correction, not included in `seconds`
+    estimated_seconds: float = 0.0  # iterations x the step time `step_costs` measured before the first unit
 
 
 def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndarray,
@@ -67,7 +69,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
             predicted = float_predictions(prediction, inputs, cache, device)
         steps = step_costs(mirror, inputs[:settings.batch_size], settings, device)
         with progress_bar(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
-                  desc="reconstructing", bar_format=OVERALL_BAR) as overall:
+                  desc="reconstructing", bar_format=OVERALL_BAR, smoothing=0) as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
                 float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
@@ -79,8 +81,9 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
                     if predicted is not None:
                         data = prediction_data(data, prediction, index, float_stream, predicted, settings, device,
                                                cache)
-                    results.append(reconstruct_unit(unit, data, settings, device, generator,
-                                                    lambda: overall.update(steps[index])))
+                    result = reconstruct_unit(unit, data, settings, device, generator,
+                                              lambda: overall.update(steps[index]))
+                    results.append(replace(result, estimated_seconds=round(settings.iters * steps[index], 2)))
                     for cached in data.temporary:
                         cache.release(cached)
                     if checkpointer:
@@ -92,47 +95,71 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
 
 # The overall bar measures work in predicted seconds (`step_costs`), so its share and time left
 # weigh each unit by its cost: on EfficientNet-Lite1 at 240x240 block2's step costs 15 times the head's.
+# Its time left comes from the mean rate of the whole run (smoothing=0), not from the last few steps.
 OVERALL_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
 def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings,
                device: torch.device) -> list[float]:
-    """Seconds of one training step of each unit: forward and backward on `inputs` carried through the
-    float network, with every activation quantizer rounding straight-through and dropping as in
-    reconstruction (the second of two steps, the first warms up). The random state is left as it was."""
+    """Seconds of one reconstruction step of each unit, measured by running its real training steps
+    (`trial_step_seconds`) on `inputs` carried through the float network. Quantizers, weights and
+    the random state are left as they were."""
     env = {mirror.input_names[0]: image_layout(torch.from_numpy(inputs).to(device))}
     costs = []
+    generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for index, unit in enumerate(mirror.units):
             batch = [env[name] for name in unit.unit.inputs]
-            costs.append(training_step_seconds(unit, batch, drop_probability(settings, unit.unit.group_size), device))
             with unit.quantization(False), torch.no_grad():
-                env.update(zip(unit.unit.outputs, as_tuple(unit(*batch))))
+                outputs = as_tuple(unit(*batch))
+            cached = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
+            data = UnitData(cached[0], cached[0], cached[1], cached[1])
+            costs.append(trial_step_seconds(unit, data, settings, device, generator))
+            env.update(zip(unit.unit.outputs, outputs))
             later = read_after(mirror, index)
             env = {name: tensor for name, tensor in env.items() if name in later}
     return costs
 
 
-def training_step_seconds(unit: UnitMirror, batch: list[torch.Tensor], drop_prob: float, device: torch.device) -> float:
-    """Seconds of the second of two training steps, with the unit's activation quantizers rounding
-    straight-through and dropping as in reconstruction; the quantizers and weights are left as they were."""
+def trial_step_seconds(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
+                       generator: torch.Generator, steps: int = 3) -> float:
+    """Mean seconds of reconstruction steps 2..`steps` as `reconstruct_unit` runs them (batch,
+    QDrop masks, loss with the rounding term, backward, optimizer steps; the first step warms up
+    and creates Adam's state). PD-Quant's prediction difference is left out. Every quantizer of the
+    unit is put back as it was."""
+    with quantizers_restored(unit):
+        training = start_training(unit, settings)
+        beta = rounding_beta(settings.iters - 1, settings) if training.weights else None
+        seconds = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            training.step(training_loss(unit, data, settings, device, generator, training.weights, beta, False))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - started)
+    return sum(seconds[1:]) / (steps - 1)
+
+
+@contextmanager
+def quantizers_restored(unit: UnitMirror):
+    """Put the unit's quantizers back as they were on leaving: rounding variables, step sizes
+    (their values, gradients and whether they learn) and the reconstruction switches."""
+    weights = [quantizer for _, quantizer in unit.quantized_weights()]
     activations = list(unit.activation_quantizers.values())
-    weights = [weight for weight, _ in unit.quantized_weights()]
-    with switched(activations, "straight_through", True), switched(activations, "drop_prob", drop_prob):
-        for weight in weights:
-            weight.requires_grad_(True)
-        try:
-            for _ in range(2):
-                started = time.perf_counter()
-                sum(output.square().mean() for output in as_tuple(unit(*batch))).backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - started
-        finally:
-            for weight in weights:
-                weight.requires_grad_(False)
-                weight.grad = None
-    return seconds
+    saved_weights = [(q.alpha, q.soft_rounding) for q in weights]
+    saved_activations = [(q.scale.detach().clone(), q.scale.requires_grad, q.straight_through, q.drop_prob)
+                         for q in activations]
+    try:
+        yield
+    finally:
+        for quantizer, (alpha, soft_rounding) in zip(weights, saved_weights):
+            quantizer.alpha, quantizer.soft_rounding = alpha, soft_rounding
+        for quantizer, (scale, learns, straight_through, drop_prob) in zip(activations, saved_activations):
+            with torch.no_grad():
+                quantizer.scale.copy_(scale)
+            quantizer.scale.requires_grad_(learns)
+            quantizer.scale.grad = None
+            quantizer.straight_through, quantizer.drop_prob = straight_through, drop_prob
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 import onnxmodcap
 from onnxmodcap import pipeline
 from onnxmodcap.losses import measure_loss, output_error
+from onnxmodcap.checkpoint import quantizer_state
 from onnxmodcap.config import QuantizeConfig
 from onnxmodcap.graph import has_depthwise_conv
 from onnxmodcap.recipes import ReconstructionSettings, reconstruction_settings, resolve_preset
@@ -94,16 +95,23 @@ def test_round_lr_overrides_the_preset_and_method_rate(resnet, preset):
 
 
 def test_step_costs_time_every_unit_and_leave_quantizers_weights_and_random_state_as_they_were(resnet, calib, device):
-    sim = pipeline.simulate(Path(resnet), Path(calib), QuantizeConfig(num_calib=64), torch.device(device))
+    sim = pipeline.simulate(Path(resnet), Path(calib), QuantizeConfig(num_calib=64, abits=4), torch.device(device))
+    before = quantizer_state(sim.quantizers)
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
     costs = step_costs(sim.mirror, sim.data.inputs[:32], ReconstructionSettings(), torch.device(device))
     assert torch.equal(torch.rand(3), expected)
     assert len(costs) == len(sim.mirror.units) and all(cost > 0 for cost in costs)
+    after = quantizer_state(sim.quantizers)
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
     for unit in sim.mirror.units:
-        assert all(not q.straight_through and q.drop_prob == 0 for q in unit.activation_quantizers.values())
-        assert all(not weight.requires_grad and weight.grad is None for weight, _ in unit.quantized_weights())
+        for quantizer in unit.activation_quantizers.values():
+            assert not quantizer.straight_through and quantizer.drop_prob == 0
+            assert not quantizer.scale.requires_grad and quantizer.scale.grad is None
+        for weight, quantizer in unit.quantized_weights():
+            assert not weight.requires_grad and weight.grad is None
+            assert quantizer.alpha is None and quantizer.soft_rounding is None
 
 
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path, device):

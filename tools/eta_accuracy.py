@@ -1,0 +1,50 @@
+"""How right the overall reconstruction bar's time left was, read from the JSON reports of finished runs.
+
+    python tools/eta_accuracy.py REPORT.json [REPORT.json ...]
+
+`quantize --report` records, per unit, the seconds it took and the seconds the bar expected
+(`estimated_seconds`: iterations x the step time measured before the first unit). The bar counts
+work in expected seconds and divides the work left by the mean rate so far (tqdm, smoothing 0). At
+the end of each unit k this prints that time left, the time the remaining units really took, and the
+error; the worst error from the end of the first unit on is the figure issue 30 asks to keep within 20 %.
+Time spent between units (carrying the calibration images forward) is in neither column.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def eta_errors(units: list[dict]) -> list[tuple[str, float, float]]:
+    """(unit just finished, predicted seconds left, real seconds left) at the end of every unit but the last."""
+    spent = [unit["seconds"] + unit.get("correction_seconds", 0.0) for unit in units]
+    expected = [unit["estimated_seconds"] for unit in units]
+    rows = []
+    for done in range(1, len(units)):
+        rate = sum(expected[:done]) / sum(spent[:done])
+        rows.append((units[done - 1]["name"], sum(expected[done:]) / rate, sum(spent[done:])))
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for path in sys.argv[1:]:
+        units = json.loads(Path(path).read_text()).get("reconstruction") or []
+        if not units or not all(unit.get("estimated_seconds") for unit in units):
+            sys.exit(f"error: {path} has no reconstruction with estimated_seconds (a report of a quantize run "
+                     "that reconstructed, written by this version)")
+        rows = eta_errors(units)
+        print(f"{path}: {len(units)} units, {sum(u['seconds'] for u in units):.0f} s reconstructing")
+        print("| after unit | time left shown (s) | real (s) | error |")
+        print("|---|---:|---:|---:|")
+        for name, shown, real in rows:
+            print(f"| {name} | {shown:.0f} | {real:.0f} | {100 * (shown - real) / real:+.0f} % |")
+        worst = max(abs(shown - real) / real for _, shown, real in rows)
+        print(f"worst error: {100 * worst:.0f} %\n")
+
+
+if __name__ == "__main__":
+    main()
