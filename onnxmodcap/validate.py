@@ -58,6 +58,8 @@ class OutputParity:
     torch_noise: float  # ||simulation(other convolution order) - simulation||
     argmax_agreement: float | None  # on the class axis, where the output holds class scores
     torch_argmax_agreement: float | None  # of the simulation with itself across convolution orders
+    top1_changes: int | None = None  # rows (images or positions) where ONNX Runtime's top-1 differs
+    top1_changes_beyond_noise: int | None = None  # of those, the ones rounding noise cannot explain
 
     @property
     def noise_ratio(self) -> float:
@@ -69,12 +71,11 @@ class OutputParity:
 
     @property
     def predictions_agree(self) -> bool:
-        """Top-1 agrees on MIN_ARGMAX_AGREEMENT of the images (or positions), or changes on at most
-        MAX_NOISE_RATIO times as many as torch's own rounding noise changes (near-tied logits)."""
+        """Top-1 agrees on MIN_ARGMAX_AGREEMENT of the images (or positions), or rounding noise
+        explains every change (`top1_changes_beyond_noise`)."""
         if self.argmax_agreement is None:
             return True
-        changed, changed_by_noise = 1 - self.argmax_agreement, 1 - self.torch_argmax_agreement
-        return self.argmax_agreement >= MIN_ARGMAX_AGREEMENT or changed <= MAX_NOISE_RATIO * changed_by_noise
+        return self.argmax_agreement >= MIN_ARGMAX_AGREEMENT or self.top1_changes_beyond_noise == 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "noise_ratio": self.noise_ratio}
@@ -138,8 +139,8 @@ class Parity:
             if not output.predictions_agree:
                 problems.append(
                     f"argmax agreement of output {output.name!r} {output.argmax_agreement:.1%} (at least "
-                    f"{MIN_ARGMAX_AGREEMENT:.0%} needed, or at most {MAX_NOISE_RATIO:g}x the "
-                    f"{1 - output.torch_argmax_agreement:.1%} of top-1 changes torch's own rounding noise makes)")
+                    f"{MIN_ARGMAX_AGREEMENT:.0%} needed, or every top-1 change within rounding noise; "
+                    f"{output.top1_changes_beyond_noise} of {output.top1_changes} are not)")
         return problems
 
 
@@ -251,7 +252,8 @@ def check_parity(session, mirror: NetworkMirror, inputs: np.ndarray, names: list
             ort_noise=float(np.linalg.norm(perturbed - ort_out)) / scale,
             torch_noise=float(np.linalg.norm(reordered - sim)) / scale,
             argmax_agreement=agreement(ort_out, sim, kind) if classes else None,
-            torch_argmax_agreement=agreement(reordered, sim, kind) if classes else None))
+            torch_argmax_agreement=agreement(reordered, sim, kind) if classes else None,
+            **(top1_changes(ort_out, sim, perturbed, reordered, kind) if classes else {})))
     return Parity(images=len(inputs), input_shape=list(inputs.shape[1:]), exact_images=float(exact.mean()),
                   outputs=outputs), ort_outputs
 
@@ -287,6 +289,25 @@ def other_convolution_order(device: torch.device):
 
 def agreement(a: np.ndarray, b: np.ndarray, kind: str) -> float:
     return float((class_scores(a, kind).argmax(axis=1) == class_scores(b, kind).argmax(axis=1)).mean())
+
+
+def top1_changes(ort_out: np.ndarray, sim: np.ndarray, perturbed: np.ndarray, reordered: np.ndarray,
+                 kind: str) -> dict[str, int]:
+    """Rows where ONNX Runtime's top class differs from the simulation's, and how many of them
+    rounding noise cannot explain. Noise that moves every score of a row by at most `a` changes
+    the lead of one class over another by at most 2a; a change is explained when the simulation
+    ranks its top class ahead of ONNX Runtime's by at most MAX_NOISE_RATIO x 2a, with `a` the
+    larger of the two noises measured on that row (another convolution order in torch, a 1e-5
+    nudge of the input in ONNX Runtime)."""
+    ort_scores, sim_scores = class_scores(ort_out, kind), class_scores(sim, kind)
+    noise = np.maximum(np.abs(class_scores(reordered, kind) - sim_scores).max(axis=1),
+                       np.abs(class_scores(perturbed, kind) - ort_scores).max(axis=1))
+    rows = np.arange(len(sim_scores))
+    ours, theirs = sim_scores.argmax(axis=1), ort_scores.argmax(axis=1)
+    changed = ours != theirs
+    lead = sim_scores[rows, ours] - sim_scores[rows, theirs]
+    return {"top1_changes": int(changed.sum()),
+            "top1_changes_beyond_noise": int((changed & (lead > MAX_NOISE_RATIO * 2 * noise)).sum())}
 
 
 def require_parity(validation: Validation) -> None:
