@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import onnxmodcap
-from onnxmodcap import pipeline
+from onnxmodcap import pipeline, reconstruct
 from onnxmodcap.config import QuantizeConfig
 from onnxmodcap.recipes import ReconstructionSettings
 from onnxmodcap.reconstruct import start_training, UnitTraining
@@ -49,6 +49,8 @@ def first_gradients(monkeypatch):
             recorded.append([quantizer.alpha.grad.clone() for quantizer in training.weights])
 
     monkeypatch.setattr(UnitTraining, "step", recording_step)
+    # the progress bar's step costs come from training steps too; only reconstruction's own count here
+    monkeypatch.setattr(reconstruct, "step_costs", lambda mirror, *args: [1.0] * len(mirror.units))
     return recorded
 
 
