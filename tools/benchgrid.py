@@ -74,7 +74,8 @@ def code_state() -> str:
     the package files that differ from it with a hash of the package sources when there are any."""
     def git(*command: str) -> str:
         try:
-            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
+            # rstrip: porcelain lines start with a status column that may be a space
+            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.rstrip()
         except OSError:
             return "n/a"
 
