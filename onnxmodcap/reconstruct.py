@@ -112,8 +112,9 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
             batch = [env[name] for name in unit.unit.inputs]
             with unit.quantization(False), torch.no_grad():
                 outputs = as_tuple(unit(*batch))
-            cached = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
-            data = UnitData(cached[0], cached[0], cached[1], cached[1])
+            held_inputs, held_outputs = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
+            data = UnitData(quantized_inputs=held_inputs, float_inputs=held_inputs, targets=held_outputs,
+                            reference_outputs=held_outputs)  # the float batch stands in for both inputs
             costs.append(trial_step_seconds(unit, data, settings, device, generator))
             env.update(zip(unit.unit.outputs, outputs))
             later = read_after(mirror, index)
