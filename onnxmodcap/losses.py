@@ -31,7 +31,8 @@ def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,
                 batch_size: int = 32) -> list[float]:
     """Every unit's output error over `inputs`: the float unit on the float input against the
     quantized unit on the quantized input (the loss reconstruction lowers, seen whole-network).
-    Batched, so that a large model's intermediate tensors are held for one batch only."""
+    Batched, and each tensor is dropped once no later unit reads it, so that a large model's
+    intermediate tensors are held for one batch and only while needed."""
     totals = [0.0] * len(mirror.units)
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
@@ -42,9 +43,12 @@ def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,
                 with unit.quantization(False):
                     float_outputs = as_tuple(unit(*(float_env[name] for name in unit.unit.inputs)))
                 quantized_outputs = as_tuple(unit(*(quantized_env[name] for name in unit.unit.inputs)))
+                totals[index] += float(output_error(quantized_outputs, float_outputs)) * len(batch)
+                needed = mirror.needed_after[index]
                 float_env.update(zip(unit.unit.outputs, float_outputs))
                 quantized_env.update(zip(unit.unit.outputs, quantized_outputs))
-                totals[index] += float(output_error(quantized_outputs, float_outputs)) * len(batch)
+                float_env = {name: value for name, value in float_env.items() if name in needed}
+                quantized_env = {name: value for name, value in quantized_env.items() if name in needed}
     return [total / len(inputs) for total in totals]
 
 

@@ -197,6 +197,9 @@ class NetworkMirror(nn.Module):
         self.input_names = [i.name for i in model.graph.input if i.name not in constants]
         self.output_names = [o.name for o in model.graph.output]
         self.units = nn.ModuleList(UnitMirror(unit, prepared) for unit in units)
+        # what must stay alive after each unit: the later units' inputs and the graph outputs
+        self.needed_after = [{name for later in units[index + 1:] for name in later.inputs} | set(self.output_names)
+                             for index in range(len(units))]
 
     def attach(self, quantizers: QuantizerSet) -> None:
         for unit in self.units:
@@ -229,8 +232,9 @@ class NetworkMirror(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = dict(zip(self.input_names, inputs))
-        for mirror in self.units:
+        for index, mirror in enumerate(self.units):
             env.update(zip(mirror.unit.outputs, as_tuple(mirror(*(env[name] for name in mirror.unit.inputs)))))
+            env = {name: value for name, value in env.items() if name in self.needed_after[index]}
         return tuple(env[name] for name in self.output_names)
 
 

@@ -201,7 +201,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     reconstruction sections and the mirror whose units were reconstructed."""
     settings = reconstruction_settings(config, has_depthwise_conv(sim.prepared.model))
     loss_images = sim.data.inputs[:LOSS_IMAGES]
-    losses = UnitLosses([u.name for u in sim.units], unit_errors(sim.mirror, loss_images, device))
+    losses = UnitLosses([u.name for u in sim.units], unit_errors(sim.mirror, loss_images, device, config.batch_size))
     schedule = modcap_schedule(sim, config, device)
     mirror = sim.mirror
     if schedule:
@@ -212,7 +212,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
     objective = None
     if config.method == "pdquant":
         float_mirror = NetworkMirror(sim.prepared, sim.units).eval().to(device)
-        objective = prediction_objective(float_mirror, loss_images, device)
+        objective = prediction_objective(float_mirror, loss_images[:config.batch_size], device)
 
     def run_reconstruction(on: NetworkMirror, saving: Checkpointer | None, resume: bool, cache: Path):
         prediction = prediction_inputs(sim.prepared, on, device, objective) if objective else None
@@ -227,7 +227,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
         report.prediction_difference = {"objective": objective, "description": PREDICTION_OBJECTIVES[objective]}
         log.info("prediction difference: %s", PREDICTION_OBJECTIVES[objective])
     report.units = run_reconstruction(mirror, checkpointer, config.resume, checkpointer.folder / "cache")
-    losses.after = unit_errors(sim.mirror, loss_images, device)
+    losses.after = unit_errors(sim.mirror, loss_images, device, config.batch_size)
     losses.oscillation = oscillation(losses.after)
     if schedule:
         report.modcap = {**schedule.to_dict(), "schedule": schedule.text()}
@@ -236,7 +236,7 @@ def reconstruct_all(sim: Simulation, config: QuantizeConfig, device: torch.devic
         final_state = quantizer_state(sim.quantizers)
         restore_quantizers(sim.quantizers, initial_state)
         report.units_without_modcap = run_reconstruction(sim.mirror, None, False, checkpointer.folder / "compare-cache")
-        losses.after_without_modcap = unit_errors(sim.mirror, loss_images, device)
+        losses.after_without_modcap = unit_errors(sim.mirror, loss_images, device, config.batch_size)
         losses.oscillation_without_modcap = oscillation(losses.after_without_modcap)
         restore_quantizers(sim.quantizers, final_state)
     return report, mirror

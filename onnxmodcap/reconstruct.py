@@ -32,8 +32,7 @@ from .pdquant import Prediction, float_predictions, prediction_data
 from .progress import progress_bar
 from .quantizers import QuantizerSet, keep_mask
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
-from .tensor_cache import (DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout,
-                           read_after)
+from .tensor_cache import DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout
 
 
 @dataclass
@@ -117,8 +116,7 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
                             reference_outputs=held_outputs)  # the float batch stands in for both inputs
             costs.append(trial_step_seconds(unit, data, settings, device, generator))
             env.update(zip(unit.unit.outputs, outputs))
-            later = read_after(mirror, index)
-            env = {name: tensor for name, tensor in env.items() if name in later}
+            env = {name: tensor for name, tensor in env.items() if name in mirror.needed_after[index]}
     return costs
 
 

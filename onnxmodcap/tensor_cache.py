@@ -135,14 +135,9 @@ class TensorStream:
         with unit.quantization(quantized):
             outputs = self.cache.store(run_in_batches(unit, inputs, device), len(inputs[0]))
         self.tensors.update(zip(unit.unit.outputs, outputs))
-        later = read_after(self.mirror, index)
-        self.retired = [self.tensors.pop(name) for name in list(self.tensors) if name not in later]
+        needed = self.mirror.needed_after[index]
+        self.retired = [self.tensors.pop(name) for name in list(self.tensors) if name not in needed]
         return outputs
-
-
-def read_after(mirror: NetworkMirror, index: int) -> set[str]:
-    """The tensors that the units after unit `index` read."""
-    return {name for unit in mirror.units[index + 1:] for name in unit.unit.inputs}
 
 
 def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.device,
