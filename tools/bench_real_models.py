@@ -28,6 +28,7 @@ fidelity that the task metric tolerates on these inputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -171,24 +172,35 @@ def outputs_of(model: Path, inputs: np.ndarray, batch: int) -> np.ndarray:
     return run_batched(session, inputs, batch)[0].astype(np.float64)
 
 
-def scores(task: str, reference: np.ndarray, quantized: np.ndarray) -> dict:
-    """The task's fidelity of `quantized` to `reference` (float outputs on the held-out inputs)."""
+def scores(task: str, reference: np.ndarray, quantized: np.ndarray, stable: np.ndarray | None = None) -> dict:
+    """The task's fidelity of `quantized` to `reference` (float outputs on the held-out inputs).
+    `stable` marks the inputs whose float answer survives input noise (`noise_stable`); classifiers
+    and the recogniser also report their agreement on those inputs alone."""
     from onnxmodcap.metrics import FidelityTotals, output_kind
 
     totals = FidelityTotals("output", output_kind(reference))
     totals.add(reference, quantized)
     fidelity = totals.result()
     result = {"sqnr_db": round(fidelity.sqnr_db, 2), "cosine": round(fidelity.cosine, 5)}
+    if task == "det":
+        a, b = reference > DET_THRESHOLD, quantized > DET_THRESHOLD
+        return result | {"iou": float((a & b).sum() / max((a | b).sum(), 1))}
+    same = answers(task, reference) == answers(task, quantized)
     if task == "classes":
         result |= {"top1_agreement": fidelity.top1_agreement, "kl": fidelity.kl}
-    elif task == "det":
-        a, b = reference > DET_THRESHOLD, quantized > DET_THRESHOLD
-        result["iou"] = float((a & b).sum() / max((a | b).sum(), 1))
     else:
-        want, got = reference.argmax(-1), quantized.argmax(-1)
-        result["position_agreement"] = float((want == got).mean())
-        result["strings_identical"] = float(np.mean([ctc(w) == ctc(g) for w, g in zip(want, got)]))
+        result["position_agreement"] = float((reference.argmax(-1) == quantized.argmax(-1)).mean())
+        result["strings_identical"] = float(same.mean())
+    if stable is not None:
+        result |= {"stable_inputs": int(stable.sum()), "stable_agreement": float(same[stable].mean())}
     return result
+
+
+def answers(task: str, outputs: np.ndarray) -> np.ndarray:
+    """What each input's output says: a classifier's top-1 class, the recogniser's decoded string."""
+    if task == "classes":
+        return outputs.reshape(len(outputs), -1).argmax(1)
+    return np.array([" ".join(map(str, ctc(labels))) for labels in outputs.argmax(-1)])
 
 
 def ctc(labels: np.ndarray) -> tuple[int, ...]:
@@ -201,24 +213,50 @@ def output_path(out: Path, name: str, bits: str, quantizer: str) -> Path:
     return out / name / f"{bits}.{quantizer.replace('@', '_').replace('/', '_')}.onnx"
 
 
-def score_file(args, name: str, output: Path, noise: float = 0.0) -> dict:
-    """The fidelity of model `output` on the held-out inputs (with Gaussian noise of std `noise`,
-    seed 0) to the float model on the clean inputs."""
+def heldout_inputs(out: Path, name: str, noisy: bool = False) -> np.ndarray:
+    """The model's held-out inputs; `noisy`: with Gaussian noise of one grey level added (seed 0)."""
+    heldout = np.load(out / name / "heldout.npy")
+    if noisy:
+        heldout = heldout + np.random.default_rng(0).normal(0, MODELS[name].grey_level, heldout.shape).astype(np.float32)
+    return heldout
+
+
+@functools.cache
+def float_reference(models: Path, out: Path, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float model's outputs on the held-out inputs, and which inputs are noise-stable: those
+    whose float answer (top-1 class, decoded string) is the same with one grey level of input noise.
+    Agreement on the other inputs says little, since the float model itself changes its answer there."""
     spec = MODELS[name]
-    heldout = np.load(args.out / name / "heldout.npy")
-    reference = outputs_of(args.models / spec.file, heldout, spec.batch_size)
-    if noise:
-        heldout = heldout + np.random.default_rng(0).normal(0, noise, heldout.shape).astype(np.float32)
-    return scores(spec.task, reference, outputs_of(output, heldout, spec.batch_size))
+    model = models / spec.file
+    reference = outputs_of(model, heldout_inputs(out, name), spec.batch_size)
+    if spec.task == "det":
+        return reference, None
+    noisy = outputs_of(model, heldout_inputs(out, name, noisy=True), spec.batch_size)
+    return reference, answers(spec.task, reference) == answers(spec.task, noisy)
+
+
+def score_file(args, name: str, output: Path, noisy: bool = False) -> dict:
+    """The fidelity of model `output` on the held-out inputs (`noisy`: with one grey level of input
+    noise) to the float model on the clean inputs."""
+    spec = MODELS[name]
+    reference, stable = float_reference(args.models, args.out, name)
+    quantized = outputs_of(output, heldout_inputs(args.out, name, noisy), spec.batch_size)
+    return scores(spec.task, reference, quantized, stable)
 
 
 def rescore(args) -> None:
-    """Score the written models of every recorded cell again (after a change to the metrics)."""
+    """Score the written models of every recorded cell again (after a change to the metrics). Only a
+    cell's latest record is scored again: the file on disk is the latest run's."""
     path = args.out / "results.jsonl"
     records = [json.loads(line) for line in open(path)]
-    for record in records:
+    latest = {(r["model"], r["bits"], r["quantizer"]): r for r in records}.values()
+    for record in latest:
         output = output_path(args.out, record["model"], record["bits"], record["quantizer"])
-        if "error" not in record and output.exists():
+        if record["model"] not in (args.model or MODELS) or "error" in record:
+            continue
+        if record["quantizer"] == "noise":
+            record |= score_file(args, record["model"], args.models / MODELS[record["model"]].file, noisy=True)
+        elif output.exists():
             record |= score_file(args, record["model"], output)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
@@ -226,8 +264,7 @@ def rescore(args) -> None:
 def noise_cell(args, name: str) -> dict:
     """The float model's fidelity to itself when every held-out input gets Gaussian noise of one grey
     level (seed 0): what the task metric tolerates on these inputs."""
-    spec = MODELS[name]
-    return {"wall_s": 0, "peak_rss_mib": 0, **score_file(args, name, args.models / spec.file, noise=spec.grey_level)}
+    return {"wall_s": 0, "peak_rss_mib": 0, **score_file(args, name, args.models / MODELS[name].file, noisy=True)}
 
 
 def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
@@ -238,7 +275,10 @@ def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
     if completed.returncode != 0:
         errors = [line for line in completed.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
         return record | {"error": (errors or completed.stderr.strip().splitlines()[-2:-1] or ["?"])[-1][:300]}
-    return record | score_file(args, name, output)
+    try:
+        return record | score_file(args, name, output)
+    except Exception as error:  # a peer's model that ONNX Runtime cannot load or run
+        return record | {"error": f"the written model does not run in ONNX Runtime: {str(error).splitlines()[0][:250]}"}
 
 
 def run(args) -> None:
@@ -267,12 +307,14 @@ def render(args) -> None:
             fidelity = (f"strings identical {100 * r['strings_identical']:.1f} %, positions "
                         f"{100 * r['position_agreement']:.2f} %")
             sqnr = r["sqnr_db"]
+        stable = f"{100 * r['stable_agreement']:.1f} % of {r['stable_inputs']}" if "stable_agreement" in r else ""
         if quantizer == "noise":
-            rows.append([model, "float", "input noise of one grey level", fidelity, sqnr, "", ""])
+            rows.append([model, "float", "input noise of one grey level", fidelity, "", sqnr, "", ""])
         else:
-            rows.append([model, bits.upper(), quantizer, fidelity, sqnr, f"{r['wall_s']:.0f}", r["peak_rss_mib"]])
-    table = markdown_table(["model", "W/A", "quantizer", "fidelity to float", "SQNR dB", "wall s", "peak RSS MiB"],
-                           rows, numeric=[False] * 4 + [True] * 3)
+            rows.append([model, bits.upper(), quantizer, fidelity, stable, sqnr, f"{r['wall_s']:.0f}",
+                         r["peak_rss_mib"]])
+    table = markdown_table(["model", "W/A", "quantizer", "fidelity to float", "same answer on noise-stable inputs",
+                            "SQNR dB", "wall s", "peak RSS MiB"], rows, numeric=[False] * 4 + [True] * 4)
     print(table)
 
 
@@ -287,7 +329,8 @@ def main() -> None:
         sub.add_argument("--models", type=Path, default=Path("/tmp/real_models"))
     for sub in (tensors, cells, table, again):
         sub.add_argument("--out", type=Path, default=Path("/tmp/real_bench"))
-    tensors.add_argument("--model", action="append", choices=sorted(MODELS), help="default: every model")
+    for sub in (tensors, again):
+        sub.add_argument("--model", action="append", choices=sorted(MODELS), help="default: every model")
     cells.add_argument("--cell", action="append", required=True, help="MODEL:BITS:QUANTIZER (repeatable)")
     ort_run = commands.add_parser("ort", help=argparse.SUPPRESS)
     for flag in ("--model", "--calib", "--output", "--method"):
