@@ -180,6 +180,41 @@ def test_pdquant_on_a_detector_uses_the_normalised_squared_error(fpn, calib, tmp
     assert [u["name"] for u in result.report.to_dict()["reconstruction"]] == [u["name"] for u in result.report.to_dict()["units"]]
 
 
+def test_a_whole_network_pass_frees_each_tensor_once_no_later_unit_reads_it(fpn, calib, device):
+    """On the FPN the backbone's stages wait for the neck, so some tensors must live across several
+    units and the rest must not: a pass holds only what the units after it (or the graph outputs) read."""
+    import weakref
+
+    from onnxmodcap.config import QuantizeConfig
+    from onnxmodcap.mirror import as_tuple
+    from onnxmodcap.pipeline import simulate
+
+    config = QuantizeConfig(method="rtn", num_calib=8, preprocess={"input_size": "32"})
+    mirror = simulate(fpn, calib, config, torch.device(device)).mirror
+    produced: dict[str, weakref.ref] = {}
+    held_too_long = []
+
+    def on_unit(index):
+        def hook(unit, inputs, outputs):
+            if index:
+                alive = {name for name, ref in produced.items() if ref() is not None}
+                held_too_long.extend((index, name) for name in alive - mirror.needed_after[index - 1])
+            produced.update((name, weakref.ref(t)) for name, t in zip(unit.unit.outputs, as_tuple(outputs)))
+        return hook
+
+    handles = [unit.register_forward_hook(on_unit(index)) for index, unit in enumerate(mirror.units)]
+    try:
+        with torch.no_grad():
+            mirror(torch.zeros(2, 3, 32, 32, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(mirror.units) > 3 and held_too_long == []
+    kept_across = [name for index in range(len(mirror.units) - 1) for name in mirror.needed_after[index]
+                   if name not in mirror.units[index + 1].unit.inputs and name not in mirror.output_names]
+    assert kept_across  # the graph has tensors that must outlive the next unit
+
+
 def test_inspect_a_dynamic_size_graph(fpn):
     result = run_cli("inspect", fpn)
     assert result.exit_code == 2
