@@ -72,10 +72,11 @@ class FloatPredictions:
     objective: str
 
 
-def float_predictions(prediction: Prediction, inputs: np.ndarray, cache: TensorCache,
-                      device: torch.device) -> FloatPredictions:
+def float_predictions(prediction: Prediction, inputs: np.ndarray, cache: TensorCache, device: torch.device,
+                      batch_size: int) -> FloatPredictions:
     float_mirror = prediction.float_mirror
-    outputs = cache.store(run_in_batches(float_mirror, [CachedTensor(torch.from_numpy(inputs))], device), len(inputs))
+    batches = run_in_batches(float_mirror, [CachedTensor(torch.from_numpy(inputs))], device, batch_size)
+    outputs = cache.store(batches, len(inputs))
     variances = [float(torch.as_tensor(np.asarray(o.data), dtype=torch.float64).var()) or 1.0 for o in outputs]
     return FloatPredictions(dict(zip(float_mirror.output_names, outputs)),
                             dict(zip(float_mirror.output_names, variances)), prediction.objective)
@@ -87,6 +88,7 @@ class FloatRest:
     def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, predicted: FloatPredictions,
                  device: torch.device):
         self.units = list(float_mirror.units[index + 1:])
+        self.needed_after = float_mirror.needed_after[index + 1:]
         self.outputs = float_mirror.units[index].unit.outputs
         self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
         produced = {name for unit in float_mirror.units[index:] for name in unit.unit.outputs}
@@ -98,8 +100,9 @@ class FloatRest:
         """The graph outputs that the unit's outputs reach, by name."""
         env = {name: image_layout(t[picks].to(self.device)) for name, t in self.others.items()}
         env.update(zip(self.outputs, map(image_layout, outputs)))
-        for unit in self.units:
+        for unit, needed in zip(self.units, self.needed_after):
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
+            env = {name: value for name, value in env.items() if name in needed}
         return {name: env[name] for name in self.reached}
 
 
@@ -115,7 +118,8 @@ def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: 
                                                  device, cache)
     if corrected is None:
         return replace(data, rest=rest, correction=correction)
-    targets = cache.store(run_in_batches(float_unit, corrected, device), len(corrected[0]))
+    targets = cache.store(run_in_batches(float_unit, corrected, device, settings.batch_size),
+                          len(corrected[0]))
     return replace(data, float_inputs=corrected, targets=targets, rest=rest, correction=correction,
                    correction_seconds=round(time.monotonic() - started, 2), temporary=[*corrected, *targets])
 

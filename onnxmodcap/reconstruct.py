@@ -61,11 +61,12 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     resumed = checkpointer.load(quantizers) if checkpointer and resume else None
     results = [UnitResult(**r) for r in resumed.results] if resumed else []
     with TensorCache(cache_budget, cache_folder) as cache:
-        float_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
-        quantized_stream = TensorStream(mirror, cache, {mirror.input_names[0]: torch.from_numpy(inputs)})
+        graph_inputs = {mirror.input_names[0]: torch.from_numpy(inputs)}
+        float_stream = TensorStream(mirror, cache, graph_inputs, settings.batch_size)
+        quantized_stream = TensorStream(mirror, cache, graph_inputs, settings.batch_size)
         predicted = None
         if settings.method == "pdquant":
-            predicted = float_predictions(prediction, inputs, cache, device)
+            predicted = float_predictions(prediction, inputs, cache, device, settings.batch_size)
         steps = step_costs(mirror, inputs[:settings.batch_size], settings, device)
         with progress_bar(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
                   desc="reconstructing", bar_format=OVERALL_BAR, smoothing=0) as overall:

@@ -117,11 +117,13 @@ class TensorCache:
 
 class TensorStream:
     """The tensors between units for all calibration images, as the float or the quantized model
-    computes them; tensors no later unit reads are released."""
+    computes them `batch_size` images at a time; tensors no later unit reads are released."""
 
-    def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, torch.Tensor]):
+    def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, torch.Tensor],
+                 batch_size: int):
         self.mirror = mirror
         self.cache = cache
+        self.batch_size = batch_size
         self.tensors = {name: cache.store([(value,)], len(value))[0] for name, value in graph_inputs.items()}
         self.retired: list[CachedTensor] = []  # no longer needed, but the caller may read them until the next step
 
@@ -133,7 +135,7 @@ class TensorStream:
             self.cache.release(cached)
         inputs = self.inputs_of(unit)
         with unit.quantization(quantized):
-            outputs = self.cache.store(run_in_batches(unit, inputs, device), len(inputs[0]))
+            outputs = self.cache.store(run_in_batches(unit, inputs, device, self.batch_size), len(inputs[0]))
         self.tensors.update(zip(unit.unit.outputs, outputs))
         needed = self.mirror.needed_after[index]
         self.retired = [self.tensors.pop(name) for name in list(self.tensors) if name not in needed]
@@ -141,8 +143,9 @@ class TensorStream:
 
 
 def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.device,
-                   batch_size: int = 64) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The unit's outputs over all images, one batch at a time."""
+                   batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The unit's outputs over all images, one batch at a time: a unit holds its every intermediate
+    tensor of the batch until it returns, which at 640x640 is tens of MB per image and tensor."""
     with torch.no_grad():
         for start in range(0, len(inputs[0]), batch_size):
             result = unit(*(t[start:start + batch_size].to(device) for t in inputs))

@@ -113,10 +113,11 @@ def run(args) -> None:
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
     generator = torch.Generator().manual_seed(0)
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
-    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
+    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)},
+                          args.batch_size)
     if args.method == "pdquant":
         prediction = prediction_inputs(sim.prepared, sim.mirror, cpu, "kl")
-        predicted = float_predictions(prediction, sim.data.inputs, cache, cpu)
+        predicted = float_predictions(prediction, sim.data.inputs, cache, cpu, args.batch_size)
     print(f"{args.model.name}, W{config.weight_bits}A{config.activation_bits}, {args.method}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}\n")
     print("| unit | float fwd+bwd (ms) | iteration (ms) | ratio | kernel share | minor faults/s |")
