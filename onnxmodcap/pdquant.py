@@ -85,12 +85,14 @@ def float_predictions(prediction: Prediction, inputs: np.ndarray, cache: TensorC
 class FloatRest:
     """The float network after one unit: carries that unit's outputs on to the graph outputs."""
 
-    def __init__(self, float_mirror: NetworkMirror, index: int, stream: TensorStream, predicted: FloatPredictions,
-                 device: torch.device):
+    def __init__(self, float_mirror: NetworkMirror, index: int, tensors: dict[str, CachedTensor],
+                 predicted: FloatPredictions, device: torch.device):
+        """`tensors`: what the float network holds after unit `index` (its outputs and every tensor a
+        later unit reads), rows aligned with `predicted`."""
         self.units = list(float_mirror.units[index + 1:])
         self.needed_after = float_mirror.needed_after[index + 1:]
         self.outputs = float_mirror.units[index].unit.outputs
-        self.others = {name: t for name, t in stream.tensors.items() if name not in self.outputs}
+        self.others = {name: t for name, t in tensors.items() if name not in self.outputs}
         produced = {name for unit in float_mirror.units[index:] for name in unit.unit.outputs}
         self.reached = [name for name in float_mirror.output_names if name in produced]  # what the unit can change
         self.predicted = predicted
@@ -111,7 +113,7 @@ def prediction_data(data: UnitData, prediction: Prediction, index: int, stream: 
                     cache: TensorCache) -> UnitData:
     started = time.monotonic()
     float_unit = prediction.float_mirror.units[index]
-    rest = FloatRest(prediction.float_mirror, index, stream, predicted, device)
+    rest = FloatRest(prediction.float_mirror, index, stream.tensors, predicted, device)
     if not settings.dc:
         return replace(data, rest=rest, correction="off (--no-dc)")
     corrected, correction = correct_distribution(float_unit, data.float_inputs, prediction.bn_targets, settings,

@@ -28,7 +28,7 @@ import torch
 from .checkpoint import Checkpointer, set_device_rng_state
 from .losses import measure_loss, output_error, prediction_difference
 from .mirror import NetworkMirror, UnitMirror, as_tuple
-from .pdquant import Prediction, float_predictions, prediction_data
+from .pdquant import FloatPredictions, FloatRest, Prediction, float_predictions, prediction_data
 from .progress import progress_bar
 from .quantizers import QuantizerSet, keep_mask
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
@@ -67,7 +67,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         predicted = None
         if settings.method == "pdquant":
             predicted = float_predictions(prediction, inputs, cache, device, settings.batch_size)
-        steps = step_costs(mirror, inputs[:settings.batch_size], settings, device)
+        steps = step_costs(mirror, inputs[:settings.batch_size], settings, device, prediction, predicted)
         with progress_bar(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
                   desc="reconstructing", bar_format=OVERALL_BAR, smoothing=0) as overall:
             for index, unit in enumerate(mirror.units):
@@ -99,11 +99,12 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
 OVERALL_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
-def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings,
-               device: torch.device) -> list[float]:
+def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: ReconstructionSettings, device: torch.device,
+               prediction: Prediction | None = None, predicted: FloatPredictions | None = None) -> list[float]:
     """Seconds of one reconstruction step of each unit, measured by running its real training steps
-    (`trial_step_seconds`) on `inputs` carried through the float network. Quantizers, weights and
-    the random state are left as they were."""
+    (`trial_step_seconds`) on `inputs` carried through the float network; for PD-Quant
+    (`prediction`, and `predicted` whose first rows are `inputs`') with its float rest. Quantizers,
+    weights and the random state are left as they were."""
     env = {mirror.input_names[0]: image_layout(torch.from_numpy(inputs).to(device))}
     costs = []
     generator = torch.Generator().manual_seed(0)
@@ -112,32 +113,40 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
             batch = [env[name] for name in unit.unit.inputs]
             with unit.quantization(False), torch.no_grad():
                 outputs = as_tuple(unit(*batch))
-            held_inputs, held_outputs = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
-            data = UnitData(quantized_inputs=held_inputs, float_inputs=held_inputs, targets=held_outputs,
-                            reference_outputs=held_outputs)  # the float batch stands in for both inputs
-            costs.append(trial_step_seconds(unit, data, settings, device, generator))
             env.update(zip(unit.unit.outputs, outputs))
             env = {name: tensor for name, tensor in env.items() if name in mirror.needed_after[index]}
+            held_inputs, held_outputs = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
+            rest = None
+            if prediction is not None:
+                held = {name: CachedTensor(tensor) for name, tensor in env.items()}
+                rest = FloatRest(prediction.float_mirror, index, held, predicted, device)
+            data = UnitData(quantized_inputs=held_inputs, float_inputs=held_inputs, targets=held_outputs,
+                            reference_outputs=held_outputs, rest=rest)  # the float batch stands in for both inputs
+            costs.append(trial_step_seconds(unit, data, settings, device, generator))
     return costs
 
 
 def trial_step_seconds(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
-                       generator: torch.Generator, steps: int = 3) -> float:
-    """Mean seconds of reconstruction steps 2..`steps` as `reconstruct_unit` runs them (batch,
-    QDrop masks, loss with the rounding term, backward, optimizer steps; the first step warms up
-    and creates Adam's state). PD-Quant's prediction difference is left out. Every quantizer of the
-    unit is put back as it was."""
+                       generator: torch.Generator) -> float:
+    """Seconds of a reconstruction step as `reconstruct_unit` runs them (batch, QDrop masks, loss
+    with the rounding term, backward, optimizer steps): the mean of steps 2 and 3, the first warming
+    up and creating Adam's state. With PD-Quant's float rest (`data.rest`) two more steps carry
+    images on to the outputs (the second of them timed), and that cost joins every pd_interval-th
+    step. Every quantizer of the unit is put back as it was."""
+    carries = [False, False, False] if data.rest is None else [False, False, True, True]
     with quantizers_restored(unit):
         training = start_training(unit, settings)
         beta = rounding_beta(settings.iters - 1, settings) if training.weights else None
         seconds = []
-        for _ in range(steps):
+        for predicts in carries:
             started = time.perf_counter()
-            training.step(training_loss(unit, data, settings, device, generator, training.weights, beta, False))
+            training.step(training_loss(unit, data, settings, device, generator, training.weights, beta, predicts))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
-    return sum(seconds[1:]) / (steps - 1)
+    if data.rest is None:
+        return (seconds[1] + seconds[2]) / 2
+    return ((settings.pd_interval - 1) * seconds[1] + seconds[3]) / settings.pd_interval
 
 
 @contextmanager

@@ -27,8 +27,9 @@ from onnxmodcap.config import QuantizeConfig
 from onnxmodcap.graph import has_depthwise_conv
 from onnxmodcap.recipes import ReconstructionSettings, reconstruction_settings, resolve_preset
 from onnxmodcap.run_state import exact_float32
+from onnxmodcap.pdquant import FloatRest, float_predictions, prediction_inputs
 from onnxmodcap.reconstruct import start_training, step_costs, training_loss
-from onnxmodcap.tensor_cache import CachedTensor, UnitData
+from onnxmodcap.tensor_cache import CachedTensor, TensorCache, UnitData
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -112,6 +113,32 @@ def test_step_costs_time_every_unit_and_leave_quantizers_weights_and_random_stat
         for weight, quantizer in unit.quantized_weights():
             assert not weight.requires_grad and weight.grad is None
             assert quantizer.alpha is None and quantizer.soft_rounding is None
+
+
+def test_step_costs_of_pdquant_time_the_steps_that_carry_images_to_the_outputs(resnet, calib, tmp_path, device,
+                                                                                monkeypatch):
+    """Every pd_interval-th PD-Quant step runs the float rest of the network: the probe times it
+    (twice per unit, the first warming up) and weighs it in, and still leaves everything as it was."""
+    device = torch.device(device)
+    sim = pipeline.simulate(Path(resnet), Path(calib), QuantizeConfig(num_calib=64, method="pdquant"), device)
+    prediction = prediction_inputs(sim.prepared, sim.mirror, device, "kl")
+    settings = ReconstructionSettings(method="pdquant", pd_batch_size=8, pd_interval=4)
+    carried = []
+    run_rest = FloatRest.__call__
+
+    def counted(rest, outputs, picks):
+        carried.append(len(picks))
+        return run_rest(rest, outputs, picks)
+
+    monkeypatch.setattr(FloatRest, "__call__", counted)
+    with TensorCache(1 << 30, tmp_path) as cache:
+        predicted = float_predictions(prediction, sim.data.inputs[:32], cache, device, 32)
+        before = quantizer_state(sim.quantizers)
+        costs = step_costs(sim.mirror, sim.data.inputs[:32], settings, device, prediction, predicted)
+    assert len(costs) == len(sim.mirror.units) and all(cost > 0 for cost in costs)
+    assert carried == [8] * (2 * len(sim.mirror.units))
+    after = quantizer_state(sim.quantizers)
+    assert all(torch.equal(after[name], before[name]) for name in before)
 
 
 def test_same_seed_gives_identical_files_in_memory_or_spilled_to_disk(resnet, calib, tmp_path, device):
