@@ -130,7 +130,7 @@ def run(args) -> None:
             continue
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
-        rest = FloatRest(prediction.float_mirror, index, stream, predicted, cpu) if args.method == "pdquant" else None
+        rest = FloatRest(prediction.float_mirror, index, stream.tensors, predicted, cpu) if args.method == "pdquant" else None
         data = UnitData(inputs, inputs, outputs, outputs, rest=rest)
         training = start_training(unit, settings)
 
