@@ -44,11 +44,9 @@ def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,
                     float_outputs = as_tuple(unit(*(float_env[name] for name in unit.unit.inputs)))
                 quantized_outputs = as_tuple(unit(*(quantized_env[name] for name in unit.unit.inputs)))
                 totals[index] += float(output_error(quantized_outputs, float_outputs)) * len(batch)
-                needed = mirror.needed_after[index]
                 float_env.update(zip(unit.unit.outputs, float_outputs))
                 quantized_env.update(zip(unit.unit.outputs, quantized_outputs))
-                float_env = {name: value for name, value in float_env.items() if name in needed}
-                quantized_env = {name: value for name, value in quantized_env.items() if name in needed}
+                float_env, quantized_env = mirror.live_after(index, float_env), mirror.live_after(index, quantized_env)
     return [total / len(inputs) for total in totals]
 
 

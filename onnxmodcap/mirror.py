@@ -201,6 +201,10 @@ class NetworkMirror(nn.Module):
         self.needed_after = [{name for later in units[index + 1:] for name in later.inputs} | set(self.output_names)
                              for index in range(len(units))]
 
+    def live_after(self, index: int, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`env` without the tensors that no unit after unit `index` reads and no graph output is."""
+        return {name: value for name, value in env.items() if name in self.needed_after[index]}
+
     def attach(self, quantizers: QuantizerSet) -> None:
         for unit in self.units:
             unit.attach(quantizers)
@@ -234,7 +238,7 @@ class NetworkMirror(nn.Module):
         env = dict(zip(self.input_names, inputs))
         for index, mirror in enumerate(self.units):
             env.update(zip(mirror.unit.outputs, as_tuple(mirror(*(env[name] for name in mirror.unit.inputs)))))
-            env = {name: value for name, value in env.items() if name in self.needed_after[index]}
+            env = self.live_after(index, env)
         return tuple(env[name] for name in self.output_names)
 
 

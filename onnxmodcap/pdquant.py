@@ -89,8 +89,8 @@ class FloatRest:
                  predicted: FloatPredictions, device: torch.device):
         """`tensors`: what the float network holds after unit `index` (its outputs and every tensor a
         later unit reads), rows aligned with `predicted`."""
+        self.network, self.index = float_mirror, index
         self.units = list(float_mirror.units[index + 1:])
-        self.needed_after = float_mirror.needed_after[index + 1:]
         self.outputs = float_mirror.units[index].unit.outputs
         self.others = {name: t for name, t in tensors.items() if name not in self.outputs}
         produced = {name for unit in float_mirror.units[index:] for name in unit.unit.outputs}
@@ -102,9 +102,9 @@ class FloatRest:
         """The graph outputs that the unit's outputs reach, by name."""
         env = {name: image_layout(t[picks].to(self.device)) for name, t in self.others.items()}
         env.update(zip(self.outputs, map(image_layout, outputs)))
-        for unit, needed in zip(self.units, self.needed_after):
+        for later, unit in enumerate(self.units, self.index + 1):
             env.update(zip(unit.unit.outputs, as_tuple(unit(*(env[name] for name in unit.unit.inputs)))))
-            env = {name: value for name, value in env.items() if name in needed}
+            env = self.network.live_after(later, env)
         return {name: env[name] for name in self.reached}
 
 

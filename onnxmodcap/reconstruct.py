@@ -114,7 +114,7 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
             with unit.quantization(False), torch.no_grad():
                 outputs = as_tuple(unit(*batch))
             env.update(zip(unit.unit.outputs, outputs))
-            env = {name: tensor for name, tensor in env.items() if name in mirror.needed_after[index]}
+            env = mirror.live_after(index, env)
             held_inputs, held_outputs = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
             rest = None
             if prediction is not None:
