@@ -211,7 +211,7 @@ QUANTIZE_SECTIONS = {
     "Input preprocessing (default: the model's metadata, else read from its input shape)": (
         "input_size", "resize", "mean", "std", "scale", "color", "layout"),
     "What gets quantized, and how it is stored": (
-        "mixed_precision", "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "num_calib", "fmt",
+        "mixed_precision", "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "bias_correction", "num_calib", "fmt",
         "reduce_range", "dynamic_batch"),
     "Reconstruction, for experts (defaults: the published recipes, see docs/methods.md)": (
         "iters", "modcap_k", "compare_granularity", "round_lambda", "round_lr", "pd_temperature", "pd_lambda",
@@ -292,6 +292,9 @@ DEPTHWISE = network_defaults(depthwise=True)
 @click.option("--no-keep-ends", is_flag=True,
               help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {END_BITS} bits).")
 @CALIBRATION_METHOD
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Subtract from each quantized layer's bias the mean shift that quantization adds to its "
+                   "output channels, measured on the calibration images.")
 @NUM_CALIB
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")

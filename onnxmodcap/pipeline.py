@@ -1,6 +1,7 @@
 """The whole job, `onnxmodcap quantize`, as one function: each pipeline stage in order.
 
-model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (modcap -> reconstruct) -> export -> validate
+model.onnx -> prepare -> partition -> plan -> mirror -> calibrate -> (modcap -> reconstruct) -> bias correction
+    -> export -> validate
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .bias_correction import BiasCorrection, correct_biases
 from .calibrate import CalibrationData, build_quantizers, collect_activation_stats, load_calibration
 from .checkpoint import Checkpointer, quantizer_state, restore_quantizers, run_fingerprint
 from .config import QuantizeConfig, check_options, parse_budget
@@ -37,6 +39,7 @@ from .recipes import RECONSTRUCTION_VERSION, reconstruction_settings, resolve_pr
 from .reconstruct import reconstruct
 from .report import CalibrationSummary, ReconstructionReport, RunReport, UnitLosses
 from .run_state import isolated_run
+from .tensor_cache import TensorCache
 from .runtime import check_input_accepted
 from .validate import Validation, require_parity, validate
 
@@ -100,13 +103,14 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
         if config.method != "rtn":
             context.config = replace(config, preset=resolve_preset(config, sim.activation_elements))
         reconstruction, mirror, checkpointer = reconstruct_stage(context, sim)
-        validation = export_and_validate(context, sim, mirror)
+        bias_correction = bias_correction_stage(context, sim, mirror)
+        validation = export_and_validate(context, sim, mirror, bias_correction)
         if checkpointer:
             checkpointer.remove()
     report = RunReport(
         str(model_path), str(context.output), context.config, sim.preprocessing, sim.prepared.notes, sim.units,
         sim.plan, CalibrationSummary(len(sim.data.inputs), sim.data.skipped), reconstruction, validation,
-        round(time.monotonic() - context.started, 2), context.stage_seconds, sim.mixed_precision)
+        round(time.monotonic() - context.started, 2), context.stage_seconds, sim.mixed_precision, bias_correction)
     write_report(report)
     return QuantizeResult(context.output, report, validation)
 
@@ -252,7 +256,23 @@ def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.devic
     return choose_groups(config.granularity, sim.units, capacities, config.modcap_k or default_pairs(sim.units))
 
 
-def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMirror) -> Validation:
+def bias_correction_stage(context: RunContext, sim: Simulation, mirror: NetworkMirror) -> BiasCorrection | None:
+    """--bias-correction (the default): correct the biases of the final quantized mirror, whose
+    rounding is settled, before export. Tensors past --cache-mem spill to the work folder."""
+    config = context.config
+    if not config.bias_correction:
+        return None
+    folder = work_folder(context.output, config)
+    with context.stage("bias correction"), TensorCache(int(config.cache_mem * (1 << 30)), folder / "bias-cache") as cache:
+        correction = correct_biases(mirror, sim.plan, sim.data.inputs, config.batch_size, context.device, cache)
+    with suppress(OSError):  # the work folder, when only the spilled tensors made it (rtn)
+        folder.rmdir()
+    log.info("bias correction: %d layers on %d images", len(correction.layers), correction.images)
+    return correction
+
+
+def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMirror,
+                        bias_correction: BiasCorrection | None) -> Validation:
     """Write the QDQ model beside its destination, check it against the simulation in ONNX Runtime,
     and only then move it into place: a model that fails parity is never left at the output path."""
     config = context.config
@@ -262,7 +282,8 @@ def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMir
             "wbits": config.weight_bits, "abits": config.activation_bits, "modcap": config.granularity,
             "init": config.init, "calibration_images": len(sim.data.inputs), "seed": config.seed,
             **({"mixed_precision": sim.mixed_precision.to_dict()} if sim.mixed_precision else {}),
-        }, dynamic_batch=config.dynamic_batch)
+        }, dynamic_batch=config.dynamic_batch,
+            float_biases=[layer.bias for layer in bias_correction.layers] if bias_correction else ())
     with stage_model(exported, weights, context.output, external_data=sim.prepared.external_data) as staged:
         with context.stage("validation"):
             validation = validate(str(staged.path), str(context.model_path), mirror, sim.data.parity,

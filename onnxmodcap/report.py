@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .bias_correction import BiasCorrection
 from .config import QuantizeConfig
 from .mixed_precision import MixedPrecision
 from .partition import Unit
@@ -77,6 +78,7 @@ class RunReport:
     seconds: float
     stage_seconds: dict[str, float]
     mixed_precision: MixedPrecision | None = None
+    bias_correction: BiasCorrection | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -87,4 +89,5 @@ class RunReport:
             **(self.reconstruction.to_dict() if self.reconstruction else {}),
             "validation": self.validation.to_dict(), "seconds": self.seconds, "stage_seconds": self.stage_seconds,
             **({"mixed_precision": self.mixed_precision.to_dict()} if self.mixed_precision else {}),
+            **({"bias_correction": self.bias_correction.to_dict()} if self.bias_correction else {}),
         }
