@@ -292,9 +292,10 @@ DEPTHWISE = network_defaults(depthwise=True)
 @click.option("--no-keep-ends", is_flag=True,
               help=f"Quantize the first and last weighted layers to --bits too (default: they stay at {END_BITS} bits).")
 @CALIBRATION_METHOD
-@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+@click.option("--bias-correction/--no-bias-correction", default=None,
               help="Subtract from each quantized layer's bias the mean shift that quantization adds to its "
-                   "output channels, measured on the calibration images.")
+                   "output channels, measured on the calibration images. Default: with rtn; not after "
+                   "reconstruction, which fits each unit's output itself and measured worse with it.")
 @NUM_CALIB
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: int8 containers carrying any grid exactly. native: INT4/UINT4 weights (opset 21).")

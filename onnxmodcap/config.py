@@ -51,7 +51,7 @@ class QuantizeConfig:
     cache_mem: float = DEFAULT_CACHE_GIB  # GiB of cached unit inputs/outputs kept in memory; the rest spills
     resume: bool = False
     init: str = "lp"
-    bias_correction: bool = True  # subtract each layer's quantization-induced mean shift (bias_correction.py)
+    bias_correction: bool | None = None  # correct each layer's mean shift (bias_correction.py); None: with rtn only
     target: str = "ort"
     reduce_range: bool = False  # ORT target: 8-bit weights on 7 bits' range, for the faster int8 kernels
     format: str = "qdq"

@@ -257,10 +257,10 @@ def modcap_schedule(sim: Simulation, config: QuantizeConfig, device: torch.devic
 
 
 def bias_correction_stage(context: RunContext, sim: Simulation, mirror: NetworkMirror) -> BiasCorrection | None:
-    """--bias-correction (the default): correct the biases of the final quantized mirror, whose
-    rounding is settled, before export. Tensors past --cache-mem spill to the work folder."""
+    """--bias-correction (by default with rtn only): correct the biases of the final quantized
+    mirror, whose rounding is settled, before export. Tensors past --cache-mem spill to the work folder."""
     config = context.config
-    if not config.bias_correction:
+    if not (config.method == "rtn" if config.bias_correction is None else config.bias_correction):
         return None
     folder = work_folder(context.output, config)
     with context.stage("bias correction"), TensorCache(int(config.cache_mem * (1 << 30)), folder / "bias-cache") as cache:

@@ -157,16 +157,19 @@ def test_each_corrected_layer_has_the_float_channel_means_on_its_units_float_inp
 def test_the_written_model_carries_the_corrected_biases_and_the_report_says_so(exported_model, calib, tmp_path):
     path, _ = exported_model("resnet18", "legacy")
     written = {}
-    for flag in ("--bias-correction", "--no-bias-correction"):
+    for flag in ("--bias-correction", "--no-bias-correction", None):  # None: the default, on with rtn
         output, report = tmp_path / f"{flag}.onnx", tmp_path / f"{flag}.json"
         result = CliRunner().invoke(main, ["quantize", str(path), "--calib", str(calib), "--bits", "4", "--abits", "8",
                                            "--method", "rtn", "--num-calib", "32", "-o", str(output),
-                                           "--report", str(report), flag])
+                                           "--report", str(report)] + ([flag] if flag else []))
         assert result.exit_code == 0, result.output
         model = onnx.load(output)
         written[flag] = ({t.name: numpy_helper.to_array(t) for t in model.graph.initializer},
                          json.loads(report.read_text()))
     (corrected, report), (plain, plain_report) = written["--bias-correction"], written["--no-bias-correction"]
+    default, default_report = written[None]
+    assert all(np.array_equal(default[name], corrected[name]) for name in corrected) and default.keys() == corrected.keys()
+    assert default_report["bias_correction"] == report["bias_correction"]
     assert "bias_correction" not in plain_report and "bias correction" not in plain_report["stage_seconds"]
     layers = {w["node"]: w["bias"] for w in report["plan"]["weights"] if w["bias"]}
     assert {layer["node"]: layer["bias"] for layer in report["bias_correction"]["layers"]} == layers
