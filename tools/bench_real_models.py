@@ -16,7 +16,7 @@ must have the machine to themselves.
     python tools/bench_real_models.py render --out /tmp/real_bench
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
-(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range` or `+no-bias-correction`,
+(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range`, `+bias-correction` or `+no-bias-correction`,
 `/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
@@ -124,7 +124,8 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
                "--wbits", str(wbits), "--abits", str(abits), "--method", method, "--num-calib", str(spec.images),
                "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json"))]
     command += ["--iters", iters] if iters else []
-    modifiers = {"reduce-range": ["--reduce-range"], "no-bias-correction": ["--no-bias-correction"]}
+    modifiers = {"reduce-range": ["--reduce-range"], "bias-correction": ["--bias-correction"],
+                 "no-bias-correction": ["--no-bias-correction"]}
     command += modifiers.get(target, ["--target", target] if target else [])
     command += ["--init", init] if init else []
     command += ["--mixed-precision", budget] if budget else []
