@@ -35,7 +35,6 @@ writes `<name>`, so consumers and graph outputs need no rewiring.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +127,9 @@ def activation_encoding(fmt: str, target: str, opset: int, quantizer: Quantizer)
 
 
 def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: QuantizerSet, fmt: str,
-               target: str, metadata: dict, dynamic_batch: bool = False,
-               float_biases: Iterable[str] = ()) -> tuple[onnx.ModelProto, Weights]:
+               target: str, metadata: dict, dynamic_batch: bool = False) -> tuple[onnx.ModelProto, Weights]:
     """The quantized model, its large initializers as stubs with their values in the Weights. It
-    keeps the batch size the source model fixes, unless `dynamic_batch`. `float_biases`: constants
-    that bias correction changed in the mirror; those without a bias quantizer are written as the
-    mirror holds them.
+    keeps the batch size the source model fixes, unless `dynamic_batch`.
 
     Biases hold values on the int32 grid of input scale x weight scale. They stay float (TensorRT
     takes them so; ONNX Runtime quantizes the bias of every Conv it fuses into an int8 kernel and
@@ -156,9 +152,6 @@ def export_qdq(prepared: PreparedModel, mirror: NetworkMirror, quantizers: Quant
                 writer.dequantized_bias(tensor, bias.integers(constants[tensor]), bias.scale())
             else:
                 writer.replace_constant(tensor, bias(constants[tensor]))
-        for tensor in float_biases:
-            if tensor not in quantizers.biases:
-                writer.replace_constant(tensor, constants[tensor])
         for tensor, quantizer in quantizers.activations.items():
             writer.quantized_activation(tensor, quantizer, activation_encoding(fmt, target, opset, quantizer))
     writer.read_float_inputs(float_layers(model, quantizers.weights))
@@ -233,7 +226,7 @@ class GraphWriter:
         self.dropped.add(name)
 
     def replace_constant(self, name: str, value: torch.Tensor):
-        """A float initializer with a new value: a bias on its simulated grid, or one bias correction moved."""
+        """A float initializer that now holds its dequantized (simulated) value."""
         self.add_initializer(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.float32), name))
         self.dropped.add(name)
 

@@ -107,15 +107,6 @@ class UnitMirror(nn.Module):
         key = self.keys[name]
         return self.weights[key] if key in self.weights else getattr(self, key)
 
-    def set_constant(self, name: str, value: torch.Tensor) -> None:
-        """Give the mirrored initializer `name` a new tensor. Never write into the old one: it shares
-        the prepared model's memory."""
-        key = self.keys[name]
-        if key in self.weights:
-            self.weights[key].data = value
-        else:
-            setattr(self, key, value)
-
     def attach(self, quantizers: QuantizerSet) -> None:
         """Take the quantizers of the tensors this unit reads (weights, biases) or produces
         (replacing any attached before)."""

@@ -104,7 +104,7 @@ def run(model_path: Path, calib_path: Path, config: QuantizeConfig) -> QuantizeR
             context.config = replace(config, preset=resolve_preset(config, sim.activation_elements))
         reconstruction, mirror, checkpointer = reconstruct_stage(context, sim)
         bias_correction = bias_correction_stage(context, sim, mirror)
-        validation = export_and_validate(context, sim, mirror, bias_correction)
+        validation = export_and_validate(context, sim, mirror)
         if checkpointer:
             checkpointer.remove()
     report = RunReport(
@@ -271,8 +271,7 @@ def bias_correction_stage(context: RunContext, sim: Simulation, mirror: NetworkM
     return correction
 
 
-def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMirror,
-                        bias_correction: BiasCorrection | None) -> Validation:
+def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMirror) -> Validation:
     """Write the QDQ model beside its destination, check it against the simulation in ONNX Runtime,
     and only then move it into place: a model that fails parity is never left at the output path."""
     config = context.config
@@ -282,8 +281,7 @@ def export_and_validate(context: RunContext, sim: Simulation, mirror: NetworkMir
             "wbits": config.weight_bits, "abits": config.activation_bits, "modcap": config.granularity,
             "init": config.init, "calibration_images": len(sim.data.inputs), "seed": config.seed,
             **({"mixed_precision": sim.mixed_precision.to_dict()} if sim.mixed_precision else {}),
-        }, dynamic_batch=config.dynamic_batch,
-            float_biases=[layer.bias for layer in bias_correction.layers] if bias_correction else ())
+        }, dynamic_batch=config.dynamic_batch)
     with stage_model(exported, weights, context.output, external_data=sim.prepared.external_data) as staged:
         with context.stage("validation"):
             validation = validate(str(staged.path), str(context.model_path), mirror, sim.data.parity,
