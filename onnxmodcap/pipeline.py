@@ -39,8 +39,8 @@ from .recipes import RECONSTRUCTION_VERSION, reconstruction_settings, resolve_pr
 from .reconstruct import reconstruct
 from .report import CalibrationSummary, ReconstructionReport, RunReport, UnitLosses
 from .run_state import isolated_run
-from .tensor_cache import TensorCache
 from .runtime import check_input_accepted
+from .tensor_cache import TensorCache
 from .validate import Validation, require_parity, validate
 
 log = logging.getLogger(__name__)
