@@ -211,8 +211,8 @@ QUANTIZE_SECTIONS = {
     "Input preprocessing (default: the model's metadata, else read from its input shape)": (
         "input_size", "resize", "mean", "std", "scale", "color", "layout"),
     "What gets quantized, and how it is stored": (
-        "mixed_precision", "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "bias_correction", "num_calib", "fmt",
-        "reduce_range", "dynamic_batch"),
+        "mixed_precision", "exclude_nodes", "exclude_op_types", "overrides", "no_keep_ends", "init", "bias_correction",
+        "num_calib", "fmt", "reduce_range", "dynamic_batch"),
     "Reconstruction, for experts (defaults: the published recipes, see docs/methods.md)": (
         "iters", "modcap_k", "compare_granularity", "round_lambda", "round_lr", "pd_temperature", "pd_lambda",
         "dc_lambda", "no_dc", "seed"),

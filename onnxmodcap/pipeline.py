@@ -263,10 +263,13 @@ def bias_correction_stage(context: RunContext, sim: Simulation, mirror: NetworkM
     if not (config.method == "rtn" if config.bias_correction is None else config.bias_correction):
         return None
     folder = work_folder(context.output, config)
-    with context.stage("bias correction"), TensorCache(int(config.cache_mem * (1 << 30)), folder / "bias-cache") as cache:
+    made_here = not folder.exists()  # rtn has no checkpoints: a spill is what would make the folder
+    cache = TensorCache(int(config.cache_mem * (1 << 30)), folder / "bias-cache")
+    with context.stage("bias correction"), cache:
         correction = correct_biases(mirror, sim.plan, sim.data.inputs, config.batch_size, context.device, cache)
-    with suppress(OSError):  # the work folder, when only the spilled tensors made it (rtn)
-        folder.rmdir()
+    if made_here:
+        with suppress(OSError):
+            folder.rmdir()
     log.info("bias correction: %d layers on %d images", len(correction.layers), correction.images)
     return correction
 

@@ -16,8 +16,8 @@ must have the machine to themselves.
     python tools/bench_real_models.py render --out /tmp/real_bench
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
-(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range`, `+bias-correction` or `+no-bias-correction`,
-`/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
+(rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range`,
+`+bias-correction` or `+no-bias-correction`, `/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
 $ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python). MODEL:float:noise scores no
