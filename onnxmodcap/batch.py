@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 from .errors import UserError, first_line
 from .files import save_with_external_data
 from .preprocess import guess_layout, missing_input_size
+from .runtime import session_options
 from .graph import dims, dynamic_image_axes, image_inputs, tensor_shapes
 from .weights import Weights, fits_in_protobuf, tensor_value, with_values
 
@@ -168,8 +169,7 @@ def prove(original: onnx.ModelProto, freed: onnx.ModelProto, weights: Weights, b
 def run(model: onnx.ModelProto, weights: Weights, batch: FixedBatch, images: np.ndarray) -> list[np.ndarray]:
     """All outputs of `model` on `images` in ONNX Runtime's CPU provider, which logs nothing: a
     failure here is an answer, reported by the caller."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+    options = session_options(log_severity=4)
     with tempfile.TemporaryDirectory(prefix="onnxmodcap-batch-") as folder:
         if fits_in_protobuf(model, weights):
             source: str | bytes = with_values(model, weights).SerializeToString()

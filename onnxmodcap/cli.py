@@ -328,9 +328,11 @@ DEPTHWISE = network_defaults(depthwise=True)
 @SEED
 @BATCH_SIZE
 @click.option("--cache-mem", type=float, default=DEFAULT_CACHE_GIB, show_default=True,
-              help="GiB of unit inputs/outputs kept in memory during reconstruction; the rest spills to the work folder.")
+              help="GiB of unit inputs/outputs kept in memory during reconstruction and bias correction; "
+                   "the rest spills to the work folder.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
-              help="Checkpoint folder of reconstruction (default: .OUTPUT_NAME.work beside the output).")
+              help="Checkpoint folder of reconstruction, and where spilled tensors go "
+                   "(default: .OUTPUT_NAME.work beside the output).")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="ONNX Runtime provider for validation (auto: CUDA when it loads, else CPU).")
 @preprocessing_options

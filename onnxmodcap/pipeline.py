@@ -265,8 +265,12 @@ def bias_correction_stage(context: RunContext, sim: Simulation, mirror: NetworkM
     folder = work_folder(context.output, config)
     made_here = not folder.exists()  # rtn has no checkpoints: a spill is what would make the folder
     cache = TensorCache(int(config.cache_mem * (1 << 30)), folder / "bias-cache")
-    with context.stage("bias correction"), cache:
-        correction = correct_biases(mirror, sim.plan, sim.data.inputs, config.batch_size, context.device, cache)
+    try:
+        with context.stage("bias correction"), cache:
+            correction = correct_biases(mirror, sim.plan, sim.data.inputs, config.batch_size, context.device, cache)
+    except OSError as err:  # the spill files: a full disk or a folder that cannot be written
+        raise UserError(f"bias correction cannot spill its tensors to {cache.folder}: {err.strerror or err}; "
+                        "free space there, choose another --work-dir or raise --cache-mem") from None
     if made_here:
         with suppress(OSError):
             folder.rmdir()

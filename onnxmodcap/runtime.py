@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from .config import PROVIDER_CHOICES, check_choice
 from .errors import UserError, first_line
@@ -36,8 +37,7 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     if provider == "cuda" and PROVIDERS["cuda"] not in available:
         raise UserError("--provider cuda requested but onnxruntime has no CUDA execution provider here")
     wanted = ["cpu"] if provider == "cpu" else ["cuda", "cpu"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options(log_severity=3)
     # A CUDA provider that fails to load logs an error before falling back; the fallback is reported
     # by session_provider instead.
     ort.set_default_logger_severity(4)
@@ -58,6 +58,16 @@ def create_session(model: str | bytes, provider: str = "auto") -> ort.InferenceS
     if provider == "cuda" and session_provider(session) != "cuda":
         raise UserError("--provider cuda requested but the CUDA execution provider failed to load")
     return session
+
+
+def session_options(log_severity: int) -> ort.SessionOptions:
+    """Session options with as many intra-op threads as torch uses (OMP_NUM_THREADS or
+    torch.set_num_threads; by default the cores), so that a run held to N threads holds ONNX
+    Runtime to them too."""
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
 
 
 def targets_tensorrt(model: str | bytes) -> bool:

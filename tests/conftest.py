@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,18 @@ import zoo  # tools/zoo.py: pytest puts tools/ on the import path (pyproject.tom
 
 TORCH_EXPORTERS = ("legacy", "legacy_bn", "dynamo", "dynamo_static")
 EXPORTERS = TORCH_EXPORTERS + ("paddle",)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`), each worker takes its share of the cores, in torch, in ONNX Runtime
+    (which follows torch's thread count) and in the CLI processes it starts: threads that spin on
+    cores the other workers use make every test several times slower. OMP_NUM_THREADS, when set,
+    is left as it is."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_addoption(parser):

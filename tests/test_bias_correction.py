@@ -86,3 +86,19 @@ def test_the_written_model_carries_the_corrected_biases_and_the_report_says_so(e
     changed = {name for name in corrected if not np.array_equal(corrected[name], plain[name])}
     stored = {name for bias in layers.values() for name in (bias, f"{bias}_quantized")}  # ORT Gemm: int32 + DQ
     assert changed and changed <= stored  # only biases differ; weights and scales are the same
+
+
+def test_a_spill_folder_that_cannot_be_written_is_one_error_line_and_nothing_is_written(
+        exported_model, calib, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(path), "--calib", str(calib), "--bits", "8", "--method", "rtn",
+                                       "--num-calib", "32", "--cache-mem", "0", "--work-dir", str(blocker / "work"),
+                                       "-o", str(output)])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: bias correction cannot spill its tensors to {blocker / 'work' / 'bias-cache'}: Not a directory; "
+        "free space there, choose another --work-dir or raise --cache-mem")
+    assert not output.exists()
