@@ -19,7 +19,7 @@ from onnxmodcap.config import QuantizeConfig
 from onnxmodcap.recipes import ReconstructionSettings
 from onnxmodcap.reconstruct import start_training, UnitTraining
 
-LEARNING_ITERS = 200
+LEARNING_ITERS = 100
 SETTINGS = {"W4A8": {"wbits": 4, "abits": 8}, "W6A8": {"wbits": 6, "abits": 8}, "W8A8": {"wbits": 8, "abits": 8},
             "W4A8 tensorrt": {"wbits": 4, "abits": 8, "target": "tensorrt"}}
 
