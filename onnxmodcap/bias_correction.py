@@ -26,7 +26,7 @@ import torch
 from .mirror import NetworkMirror, UnitMirror
 from .plan import QuantPlan
 from .progress import progress_bar
-from .tensor_cache import CachedTensor, TensorCache, TensorStream, run_in_batches
+from .tensor_cache import CachedTensor, TensorCache, TensorStream
 
 CORRECTION_IMAGES = 128  # calibration images whose channel means are compared
 
@@ -122,7 +122,7 @@ def quantized_statistics(unit: UnitMirror, layer: BiasedLayer, inputs: list[Cach
                          batch_size: int) -> ChannelStatistics:
     """The channel statistics of the layer's output in the quantized unit run on `inputs`."""
     statistics = ChannelStatistics({layer.output})
-    with unit.observing(statistics.add), unit.quantization(True):
-        for _ in run_in_batches(unit, inputs, device, batch_size):
-            pass
+    with unit.observing(statistics.add), unit.quantization(True), torch.no_grad():
+        for start in range(0, len(inputs[0]), batch_size):
+            unit(*(t[start:start + batch_size].to(device) for t in inputs))  # only what it observes counts
     return statistics
