@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnxmodcap.bias_correction import ChannelStatistics, biased_layers, correct_biases
 from onnxmodcap.cli import main
 from onnxmodcap.config import QuantizeConfig
-from onnxmodcap.pipeline import simulate
+from onnxmodcap.pipeline import BIAS_CORRECTION_AFTER_RECONSTRUCTION, simulate
 from onnxmodcap.tensor_cache import TensorCache, image_layout
 
 
@@ -102,3 +102,20 @@ def test_a_spill_folder_that_cannot_be_written_is_one_error_line_and_nothing_is_
         f"error: bias correction cannot spill its tensors to {blocker / 'work' / 'bias-cache'}: Not a directory; "
         "free space there, choose another --work-dir or raise --cache-mem")
     assert not output.exists()
+
+
+def test_after_reconstruction_it_runs_only_when_asked_and_then_with_a_warning(exported_model, calib, tmp_path):
+    path, _ = exported_model("resnet18", "legacy")
+    reports = {}
+    for flag in ("--bias-correction", None):
+        report = tmp_path / f"{flag}.json"
+        result = CliRunner().invoke(main, ["quantize", str(path), "--calib", str(calib), "--bits", "4", "--abits", "8",
+                                           "--method", "brecq", "--iters", "2", "--num-calib", "32",
+                                           "-o", str(tmp_path / f"{flag}.onnx"), "--report", str(report)]
+                                    + ([flag] if flag else []))
+        assert result.exit_code == 0, result.output
+        warned = f"warning: {BIAS_CORRECTION_AFTER_RECONSTRUCTION}" in result.output
+        assert warned == (flag is not None)
+        reports[flag] = json.loads(report.read_text())
+    assert reports["--bias-correction"]["bias_correction"]["layers"]
+    assert "bias_correction" not in reports[None] and "bias correction" not in reports[None]["stage_seconds"]
