@@ -20,6 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from onnxmodcap.metrics import fidelity
+
 BATCH = 16
 
 
@@ -42,10 +44,6 @@ def rounded_per_channel(weights: np.ndarray, bits: int) -> np.ndarray:
     step = np.maximum(np.abs(weights).reshape(len(weights), -1).max(1), 1e-12) / largest
     step = step.reshape(-1, *[1] * (weights.ndim - 1))
     return (np.clip(np.round(weights / step), -largest - 1, largest) * step).astype(weights.dtype)
-
-
-def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(10 * np.log10((reference ** 2).sum() / ((reference - other) ** 2).sum()))
 
 
 def main() -> None:
@@ -80,9 +78,9 @@ def main() -> None:
           f"{(np.abs(shift) / np.maximum(spread, 1e-12)).max():.3f} of its channel's spread "
           f"({len(calib)} calibration inputs)")
     for name, result in results.items():
-        agreement = (float_heldout.argmax(1) == result.argmax(1)).mean()
-        print(f"  {name}: output SQNR {sqnr_db(float_heldout, result):.2f} dB, top-1 agreement "
-              f"{100 * agreement:.1f} % on {len(heldout)} held-out inputs")
+        score = fidelity(["output"], [float_heldout], [result])[0]
+        print(f"  {name}: output SQNR {score.sqnr_db:.2f} dB, top-1 agreement "
+              f"{100 * score.top1_agreement:.1f} % on {len(heldout)} held-out inputs")
 
 
 if __name__ == "__main__":
