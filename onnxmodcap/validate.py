@@ -60,6 +60,7 @@ class OutputParity:
     torch_argmax_agreement: float | None  # of the simulation with itself across convolution orders
     top1_changes: int | None = None  # rows (images or positions) where ONNX Runtime's top-1 differs
     top1_changes_beyond_noise: int | None = None  # of those, the ones rounding noise cannot explain
+    torch_top1_changes: int | None = None  # rows where another convolution order changes the simulation's top-1
 
     @property
     def noise_ratio(self) -> float:
@@ -72,10 +73,14 @@ class OutputParity:
     @property
     def predictions_agree(self) -> bool:
         """Top-1 agrees on MIN_ARGMAX_AGREEMENT of the images (or positions), or rounding noise
-        explains every change (`top1_changes_beyond_noise`)."""
+        explains every change (`top1_changes_beyond_noise`), or ONNX Runtime changes top-1 on at
+        most MAX_NOISE_RATIO times as many rows as another convolution order changes the
+        simulation's own. A flip lands on a row by chance: the last rule catches a row that ONNX
+        Runtime's order flips and torch's other order happens not to."""
         if self.argmax_agreement is None:
             return True
-        return self.argmax_agreement >= MIN_ARGMAX_AGREEMENT or self.top1_changes_beyond_noise == 0
+        return (self.argmax_agreement >= MIN_ARGMAX_AGREEMENT or self.top1_changes_beyond_noise == 0
+                or self.top1_changes <= MAX_NOISE_RATIO * self.torch_top1_changes)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "noise_ratio": self.noise_ratio}
@@ -140,7 +145,8 @@ class Parity:
                 problems.append(
                     f"argmax agreement of output {output.name!r} {output.argmax_agreement:.1%} (at least "
                     f"{MIN_ARGMAX_AGREEMENT:.0%} needed, or every top-1 change within rounding noise; "
-                    f"{output.top1_changes_beyond_noise} of {output.top1_changes} are not)")
+                    f"{output.top1_changes_beyond_noise} of {output.top1_changes} are not, and another convolution "
+                    f"order changes the simulation's own top-1 on only {output.torch_top1_changes})")
         return problems
 
 
@@ -298,7 +304,8 @@ def top1_changes(ort_out: np.ndarray, sim: np.ndarray, perturbed: np.ndarray, re
     the lead of one class over another by at most 2a; a change is explained when the simulation
     ranks its top class ahead of ONNX Runtime's by at most MAX_NOISE_RATIO x 2a, with `a` the
     larger of the two noises measured on that row (another convolution order in torch, a 1e-5
-    nudge of the input in ONNX Runtime)."""
+    nudge of the input in ONNX Runtime). Also the rows where that other order changes the
+    simulation's own top class."""
     ort_scores, sim_scores = class_scores(ort_out, kind), class_scores(sim, kind)
     noise = np.maximum(np.abs(class_scores(reordered, kind) - sim_scores).max(axis=1),
                        np.abs(class_scores(perturbed, kind) - ort_scores).max(axis=1))
@@ -307,7 +314,8 @@ def top1_changes(ort_out: np.ndarray, sim: np.ndarray, perturbed: np.ndarray, re
     changed = ours != theirs
     lead = sim_scores[rows, ours] - sim_scores[rows, theirs]
     return {"top1_changes": int(changed.sum()),
-            "top1_changes_beyond_noise": int((changed & (lead > MAX_NOISE_RATIO * 2 * noise)).sum())}
+            "top1_changes_beyond_noise": int((changed & (lead > MAX_NOISE_RATIO * 2 * noise)).sum()),
+            "torch_top1_changes": int((class_scores(reordered, kind).argmax(axis=1) != ours).sum())}
 
 
 def require_parity(validation: Validation) -> None:
