@@ -20,7 +20,10 @@ A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onn
 `+bias-correction` or `+no-bias-correction`, `/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
-$ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python). MODEL:float:noise scores no
+$ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python); or quark-preset, quark-cle or
+quark-cle-minmax: AMD Quark's ONNX quantizer at W8A8 in its own virtualenv (`tools/peer_quark.py`
+under $ONNXMODCAP_QUARK_PYTHON, default /tmp/peers/quark/bin/python; its docstring says what each
+recipe sets). MODEL:float:noise scores no
 quantizer: the float model on held-out inputs with Gaussian noise of one grey level added, the
 fidelity that the task metric tolerates on these inputs.
 """
@@ -74,6 +77,7 @@ MODELS = {
 }
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w3a4": (3, 4)}
 AIMET_PYTHON = os.environ.get("ONNXMODCAP_AIMET_PYTHON", "/tmp/peers/aimet/bin/python")
+QUARK_PYTHON = os.environ.get("ONNXMODCAP_QUARK_PYTHON", "/tmp/peers/quark/bin/python")
 
 
 def model_tensors(name: str, models: Path, out: Path) -> None:
@@ -112,6 +116,11 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
     if quantizer.startswith("ort-"):
         return [sys.executable, __file__, "ort", "--model", str(source), "--calib", str(calib), "--output", str(output),
                 "--method", quantizer[4:], "--wbits", str(wbits), "--abits", str(abits), "--count", str(spec.images)]
+    if quantizer.startswith("quark-"):  # the peer's own interpreter: Quark is no dependency of onnxmodcap
+        return [QUARK_PYTHON, str(Path(__file__).with_name("peer_quark.py")), "--model", str(source), "--calib",
+                str(calib), "--output", str(output), "--recipe", quantizer[6:], "--wbits", str(wbits),
+                "--abits", str(abits), "--count", str(spec.images), "--batch-size", str(spec.batch_size),
+                "--report", str(output.with_suffix(".json"))]
     quantizer, _, budget = quantizer.partition("%")
     method, _, iters = quantizer.partition("@")
     if method == "aimet-adaround":  # the peer's own interpreter: AIMET is no dependency of onnxmodcap
