@@ -18,7 +18,8 @@ must have the machine to themselves.
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
 (rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range`,
 `+bias-correction` or `+no-bias-correction`, `/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
-aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it): AIMET-ONNX
+aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it), or
+aimet-quantsim (AIMET's quantization simulation without AdaRound): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
 $ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python); or quark-preset, quark-cle or
 quark-cle-minmax: AMD Quark's ONNX quantizer at W8A8 in its own virtualenv (`tools/peer_quark.py`
@@ -123,11 +124,12 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
                 "--report", str(output.with_suffix(".json"))]
     quantizer, _, budget = quantizer.partition("%")
     method, _, iters = quantizer.partition("@")
-    if method == "aimet-adaround":  # the peer's own interpreter: AIMET is no dependency of onnxmodcap
+    if method in ("aimet-adaround", "aimet-quantsim"):  # the peer's own interpreter: AIMET is no dependency
         command = [AIMET_PYTHON, str(Path(__file__).with_name("peer_aimet.py")), "--model", str(source), "--calib",
                    str(calib), "--output", str(output), "--wbits", str(wbits), "--abits", str(abits),
                    "--count", str(spec.images), "--batch-size", str(spec.batch_size),
                    "--report", str(output.with_suffix(".json"))]
+        command += ["--no-adaround"] if method == "aimet-quantsim" else []
         return command + (["--iters", iters] if iters else [])
     method, _, init = method.partition("/")
     method, _, target = method.partition("+")

@@ -12,7 +12,8 @@ AIMET's own recipe, with its defaults wherever the benchmark fixes nothing:
    and the default quant scheme (min-max);
 2. apply_adaround over the first --count calibration images in batches of --batch-size, --iters
    optimisation steps per layer (AIMET's default when omitted; each step takes up to 32 samples of
-   one batch, the batches in turn); it freezes the rounded weights' encodings;
+   one batch, the batches in turn); it freezes the rounded weights' encodings. Skipped with
+   --no-adaround (AIMET's plain quantization simulation, weights rounded to nearest);
 3. compute_encodings on the same batches for the activations;
 4. to_onnx_qdq: QuantizeLinear/DequantizeLinear, the weights stored as integers ahead of a
    per-channel DequantizeLinear (INT4 at 4 bits, for which AIMET raises the opset to 21), the
@@ -113,6 +114,7 @@ def main() -> None:
     for flag in ("--wbits", "--abits", "--count"):
         parser.add_argument(flag, type=int, required=True)
     parser.add_argument("--iters", type=int, help="AdaRound steps per layer (default: AIMET's own)")
+    parser.add_argument("--no-adaround", action="store_true", help="round weights to nearest instead")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)),
                         help="torch and onnxruntime threads (default: $OMP_NUM_THREADS, else their own defaults)")
@@ -136,7 +138,8 @@ def main() -> None:
         sim = QuantizationSimModel(model, param_type=types[args.wbits], activation_type=types[args.abits],
                                    path=scratch, session_options_kwargs=sim_options)
         built = time.perf_counter()
-        apply_adaround(sim, data, **iterations)
+        if not args.no_adaround:
+            apply_adaround(sim, data, **iterations)
         rounded = time.perf_counter()
         sim.compute_encodings(data)
         qdq = sim.to_onnx_qdq(prequantize_constants=True)
@@ -145,15 +148,15 @@ def main() -> None:
     onnx.save(qdq, args.output)
     done = time.perf_counter()
 
-    adaround = adaround_defaults()
-    adaround |= {"iterations": adaround["default_iterations"] if args.iters is None else args.iters,
-                 "batches": len(data), "batch_size": args.batch_size,
-                 "images": sum(len(batch[input_name]) for batch in data)}
+    adaround = None if args.no_adaround else adaround_defaults() | {
+        "iterations": adaround_defaults()["default_iterations"] if args.iters is None else args.iters,
+        "batches": len(data), "batch_size": args.batch_size, "images": sum(len(batch[input_name]) for batch in data)}
     scheme = inspect.signature(QuantizationSimModel.__init__).parameters["quant_scheme"].default
     report = {
         "versions": {"aimet-onnx": aimet_onnx.__version__, "torch": torch.__version__,
                      "onnxruntime": ort.__version__},
-        "calls": ["QuantizationSimModel(param_type, activation_type)", "apply_adaround", "compute_encodings",
+        "calls": ["QuantizationSimModel(param_type, activation_type)",
+                  *([] if args.no_adaround else ["apply_adaround"]), "compute_encodings",
                   "to_onnx_qdq(prequantize_constants=True)"],
         "quantsim": {"quant_scheme": f"{scheme.name} (default)", "config_file": "default (per-channel)",
                      "quantizers": quantizer_summary(sim)},
