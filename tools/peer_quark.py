@@ -14,7 +14,8 @@ W8A8 runs. Three recipes:
   in the preset), symmetric int8 weights per output channel, and its CLE (cross-layer equalisation)
   and bias correction algorithms, with their defaults;
 - `cle-minmax`: `cle` with MinMax calibration (activations and weights) instead of Percentile.
-Graph outputs that the source model does not have are removed from the written file (see
+A model below opset 13 is converted to opset 13 first, as for ONNX Runtime's `quantize_static` in
+bench_real_models.py (Quark refuses per-channel QDQ below it). Graph outputs that the source model does not have are removed from the written file (see
 `drop_extra_outputs`), and the report says how many.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -88,13 +90,19 @@ def main() -> None:
     from quark.onnx import ModelQuantizer
 
     start = time.perf_counter()
-    input_name = onnx.load(args.model, load_external_data=False).graph.input[0].name
+    source = onnx.load(args.model)
+    input_name = source.graph.input[0].name
     config = recipe_config(args.recipe)
-    ModelQuantizer(config).quantize_model(args.model, args.output,
-                                          Batches(args.calib, args.count, args.batch_size, input_name))
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model
+        if source.opset_import[0].version < 13:  # Quark refuses per-channel QDQ below opset 13
+            model = os.path.join(scratch, "opset13.onnx")
+            onnx.save(onnx.version_converter.convert_version(source, 13), model)
+        ModelQuantizer(config).quantize_model(model, args.output,
+                                              Batches(args.calib, args.count, args.batch_size, input_name))
     seconds = time.perf_counter() - start
     written = onnx.load(args.output)
-    extra_outputs = drop_extra_outputs(written, onnx.load(args.model, load_external_data=False))
+    extra_outputs = drop_extra_outputs(written, source)
     if extra_outputs:
         onnx.save(written, args.output)
     report = {"versions": {"amd-quark": quark.__version__, "onnxruntime": ort.__version__},
