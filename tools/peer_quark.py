@@ -10,13 +10,14 @@ weights and activations, QDQ format. Its ONNX configurations have no 4-bit integ
 W8A8 runs. Three recipes:
 - `preset`: Quark's own A8W8_QCONFIG as shipped: symmetric int8 activations and weights, both per
   tensor, Percentile calibration.
-- `cle`: what Quark's documentation suggests for CNNs: uint8 asymmetric activations (Percentile, as
-  in the preset), symmetric int8 weights per output channel, and its CLE (cross-layer equalisation)
-  and bias correction algorithms, with their defaults;
+- `cle`: uint8 asymmetric activations (Percentile, as in the preset), symmetric int8 weights per
+  output channel, and Quark's CLE (cross-layer equalisation) and bias correction algorithms with
+  their defaults;
 - `cle-minmax`: `cle` with MinMax calibration (activations and weights) instead of Percentile.
 A model below opset 13 is converted to opset 13 first, as for ONNX Runtime's `quantize_static` in
-bench_real_models.py (Quark refuses per-channel QDQ below it). Graph outputs that the source model does not have are removed from the written file (see
-`drop_extra_outputs`), and the report says how many.
+bench_real_models.py (Quark refuses per-channel QDQ below it). Graph outputs that the source model
+does not have are removed from the written file (see `drop_extra_outputs`), and the report says
+how many.
 """
 
 from __future__ import annotations
