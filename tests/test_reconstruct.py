@@ -118,7 +118,7 @@ def test_step_costs_time_every_unit_and_leave_quantizers_weights_and_random_stat
 def test_step_costs_of_pdquant_time_the_steps_that_carry_images_to_the_outputs(resnet, calib, tmp_path, device,
                                                                                 monkeypatch):
     """Every pd_interval-th PD-Quant step runs the float rest of the network: the probe times it
-    (twice per unit, the first warming up) and weighs it in, and still leaves everything as it was."""
+    (twice per unit, the faster counting) and weighs it in, and still leaves everything as it was."""
     device = torch.device(device)
     sim = pipeline.simulate(Path(resnet), Path(calib), QuantizeConfig(num_calib=64, method="pdquant"), device)
     prediction = prediction_inputs(sim.prepared, sim.mirror, device, "kl")
