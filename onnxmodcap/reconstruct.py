@@ -132,9 +132,9 @@ def trial_step_seconds(unit: UnitMirror, data: UnitData, settings: Reconstructio
     with the rounding term, backward, optimizer steps): the faster of steps 2 and 3, the first
     warming up and creating Adam's state. The faster, not the mean: one step slowed by something
     else (another process, the kernel finding memory) would otherwise set the unit's estimate for
-    the whole run (measured: 3.2 times the real time of the PP-OCRv5 recogniser's last unit). With PD-Quant's
-    float rest (`data.rest`) two more steps carry images on to the outputs, the faster of them
-    joins every pd_interval-th step. Every quantizer of the unit is put back as it was."""
+    the whole run (measured: 3.2 times the real time of the PP-OCRv5 recogniser's last unit).
+    With PD-Quant's float rest (`data.rest`) two more steps carry images on to the outputs, the
+    faster of them joins every pd_interval-th step. Every quantizer of the unit is put back as it was."""
     carries = [False, False, False] if data.rest is None else [False, False, False, True, True]
     with quantizers_restored(unit):
         training = start_training(unit, settings)
