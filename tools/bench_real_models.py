@@ -117,18 +117,17 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
     if quantizer.startswith("ort-"):
         return [sys.executable, __file__, "ort", "--model", str(source), "--calib", str(calib), "--output", str(output),
                 "--method", quantizer[4:], "--wbits", str(wbits), "--abits", str(abits), "--count", str(spec.images)]
-    if quantizer.startswith("quark-"):  # the peer's own interpreter: Quark is no dependency of onnxmodcap
-        return [QUARK_PYTHON, str(Path(__file__).with_name("peer_quark.py")), "--model", str(source), "--calib",
-                str(calib), "--output", str(output), "--recipe", quantizer[6:], "--wbits", str(wbits),
-                "--abits", str(abits), "--count", str(spec.images), "--batch-size", str(spec.batch_size),
-                "--report", str(output.with_suffix(".json"))]
+    # a peer runs under its own interpreter and script: peers are no dependencies of onnxmodcap
+    peer = [str(source), "--calib", str(calib), "--output", str(output), "--wbits", str(wbits), "--abits",
+            str(abits), "--count", str(spec.images), "--batch-size", str(spec.batch_size),
+            "--report", str(output.with_suffix(".json"))]
+    if quantizer.startswith("quark-"):
+        return [QUARK_PYTHON, str(Path(__file__).with_name("peer_quark.py")), "--model", *peer,
+                "--recipe", quantizer[6:]]
     quantizer, _, budget = quantizer.partition("%")
     method, _, iters = quantizer.partition("@")
-    if method in ("aimet-adaround", "aimet-quantsim"):  # the peer's own interpreter: AIMET is no dependency
-        command = [AIMET_PYTHON, str(Path(__file__).with_name("peer_aimet.py")), "--model", str(source), "--calib",
-                   str(calib), "--output", str(output), "--wbits", str(wbits), "--abits", str(abits),
-                   "--count", str(spec.images), "--batch-size", str(spec.batch_size),
-                   "--report", str(output.with_suffix(".json"))]
+    if method in ("aimet-adaround", "aimet-quantsim"):
+        command = [AIMET_PYTHON, str(Path(__file__).with_name("peer_aimet.py")), "--model", *peer]
         command += ["--no-adaround"] if method == "aimet-quantsim" else []
         return command + (["--iters", iters] if iters else [])
     method, _, init = method.partition("/")

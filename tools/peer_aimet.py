@@ -148,9 +148,12 @@ def main() -> None:
     onnx.save(qdq, args.output)
     done = time.perf_counter()
 
-    adaround = None if args.no_adaround else adaround_defaults() | {
-        "iterations": adaround_defaults()["default_iterations"] if args.iters is None else args.iters,
-        "batches": len(data), "batch_size": args.batch_size, "images": sum(len(batch[input_name]) for batch in data)}
+    adaround = None
+    if not args.no_adaround:
+        adaround = adaround_defaults()
+        adaround |= {"iterations": adaround["default_iterations"] if args.iters is None else args.iters,
+                     "batches": len(data), "batch_size": args.batch_size,
+                     "images": sum(len(batch[input_name]) for batch in data)}
     scheme = inspect.signature(QuantizationSimModel.__init__).parameters["quant_scheme"].default
     report = {
         "versions": {"aimet-onnx": aimet_onnx.__version__, "torch": torch.__version__,

@@ -28,17 +28,18 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
+from peer_aimet import batches
+
 
 class Batches:
-    """The first `count` calibration inputs, `batch_size` at a time (ONNX Runtime's CalibrationDataReader)."""
+    """The first `count` calibration inputs, `batch_size` at a time, as ONNX Runtime's
+    CalibrationDataReader: the batches peer_aimet.py gives AIMET."""
 
     def __init__(self, path: str, count: int, batch_size: int, input_name: str):
-        inputs = np.load(path)[:count].astype(np.float32)
-        self.items = [{input_name: inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)]
+        self.items = batches(path, count, batch_size, input_name)
         self.rewind()
 
     def get_next(self):
