@@ -1,17 +1,22 @@
-"""The straight-through activation quantizer as compiled CPU kernels, for real-resolution tensors.
+"""The straight-through activation quantizer and QDrop's mix as compiled CPU kernels, for
+real-resolution tensors.
 
 Run op by op, `quantizers.StraightThroughQuantize` makes five float passes and four boolean ones
 over its tensor in the forward pass and converts its boolean mask in the backward pass. At 224x224
 a unit's activation holds tens of millions of values, every pass is memory-bound, and these passes
 cost more than the unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels").
-torch.compile turns each direction into one loop: the forward pass reads x and QDrop's keep mask
-and writes the output; the backward pass reads the incoming gradient, x and the mask and writes the
-gradient to x, or sums the step size's gradient.
+torch.compile turns each direction into one loop: the forward pass reads x and QDrop's random
+bytes and writes the output; the backward pass reads the incoming gradient, x and the bytes and
+writes the gradient to x, or sums the step size's gradient. QDrop's mix of a unit's quantized and
+float inputs is one loop too. Each loop compares QDrop's random byte with the mask's threshold as
+it reads it (`quantizers.KeepMask`).
 
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
-round half to even, clamp, multiply, lerp with a weight of exactly 0 or 1), so the output and the
-gradient to x are identical; the step size's gradient is the same sum in another order. Masks are
-built with arithmetic (clamp, abs, sign): comparisons vectorise poorly in inductor's CPU code.
+round half to even, clamp, multiply; where QDrop drops an element, x itself), so the output and the
+gradient to x are identical; the step size's gradient is the same sum in another order. The grid's
+mask is built with arithmetic (clamp, abs, sign), which vectorised better than comparisons in
+inductor's CPU code; QDrop's bytes are compared inside torch.where, which measured faster than
+arithmetic on them (docs/benchmarks/reconstruct.md, "QDrop's masks").
 
 Compiled kernels need a C++ compiler. `available()` tries once per process; without one, or on
 other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the op-by-op
@@ -32,17 +37,13 @@ log = logging.getLogger(__name__)
 FUSED_MIN_ELEMENTS = 1 << 20
 
 
-def kept(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """1.0 where QDrop keeps the quantized value (keep: a bool mask seen as uint8), else 0.0."""
-    return keep.to(like.dtype)
-
-
-def quantized_values(x, scale, zero_point, low, high, keep):
-    """x fake-quantized on [low, high] (the grid's qmin, qmax); x itself where keep is 0."""
+def quantized_values(x, scale, zero_point, low, high, draws, threshold):
+    """x fake-quantized on [low, high] (the grid's qmin, qmax); x itself where QDrop drops it (its
+    random byte is not below the threshold)."""
     centred = torch.clamp(torch.round(x / scale), low - zero_point, high - zero_point)  # x_int - z
-    if keep is None:
+    if draws is None:
         return centred * scale
-    return torch.lerp(x, centred * scale, kept(keep, x))
+    return torch.where(draws < threshold, centred * scale, x)
 
 
 def inside_grid(x, scale, zero_point, low, high):
@@ -53,22 +54,27 @@ def inside_grid(x, scale, zero_point, low, high):
     return 1 - torch.abs(centred - rounded).sign(), scaled, centred
 
 
-def input_gradient(grad, x, scale, zero_point, low, high, keep):
+def input_gradient(grad, x, scale, zero_point, low, high, draws, threshold):
     """Straight-through: grad where x is inside the grid or dropped, 0 where the grid clamps."""
     inside, _, _ = inside_grid(x, scale, zero_point, low, high)
-    if keep is None:
+    if draws is None:
         return grad * inside
-    return grad * torch.maximum(inside, 1 - kept(keep, x))
+    return torch.where(draws < threshold, grad * inside, grad)
 
 
-def step_size_gradient(grad, x, scale, zero_point, low, high, keep):
+def step_size_gradient(grad, x, scale, zero_point, low, high, draws, threshold):
     """LSQ: the sum of grad * (round(v) - v inside the grid, x_int - z where clamped), v = x / s,
     over the kept elements."""
     inside, scaled, centred = inside_grid(x, scale, zero_point, low, high)
     slope = centred - scaled * inside
-    if keep is None:
+    if draws is None:
         return torch.sum(grad * slope)
-    return torch.sum(grad * slope * kept(keep, x))
+    return torch.sum(torch.where(draws < threshold, grad * slope, 0.0))
+
+
+def mixed_values(dropped, kept, draws, threshold):
+    """kept where QDrop keeps the element, dropped elsewhere."""
+    return torch.where(draws < threshold, kept, dropped)
 
 
 @functools.cache
@@ -82,14 +88,15 @@ def available() -> bool:
     """Whether torch.compile can build the CPU kernels here (it needs a C++ compiler): every kernel
     is compiled once on a small tensor and checked against its op-by-op result."""
     x = torch.linspace(-2, 2, 64)
-    operands = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(-8.0), torch.tensor(7.0))
-    keep = (torch.arange(64) % 3 > 0).view(torch.uint8)
+    grid = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(-8.0), torch.tensor(7.0))
+    mask = ((torch.arange(64) * 37) % 256).to(torch.uint8), torch.tensor(128.0)
+    cases = [(quantized_values, (x, *grid, *drops)) for drops in ((None, None), mask)]
+    cases += [(kernel, (x, x, *grid, *drops)) for kernel in (input_gradient, step_size_gradient)
+              for drops in ((None, None), mask)]
+    cases.append((mixed_values, (x, -x, *mask)))
     try:
-        works = all(torch.allclose(compiled(kernel)(*inputs, *operands, mask), kernel(*inputs, *operands, mask),
-                                   rtol=1e-5, atol=0)
-                    for kernel, inputs in ((quantized_values, (x,)), (input_gradient, (x, x)),
-                                           (step_size_gradient, (x, x)))
-                    for mask in (None, keep))
+        works = all(torch.allclose(compiled(kernel)(*inputs), kernel(*inputs), rtol=1e-5, atol=0)
+                    for kernel, inputs in cases)
     except Exception as err:  # noqa: BLE001 - whatever stops compilation, the op-by-op quantizer runs
         works, reason = False, f"{type(err).__name__}: {first_line(err)}"
     else:
@@ -109,11 +116,19 @@ def flat(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def applies(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
+def applies(x: torch.Tensor, keep) -> bool:
+    """Whether the kernels take x and its quantizers.KeepMask (or None)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= FUSED_MIN_ELEMENTS
             and flat(x) is not None
-            and (keep is None or (keep.dtype, keep.shape, keep.stride()) == (torch.bool, x.shape, x.stride()))
+            and (keep is None or (keep.draws.shape, keep.draws.stride()) == (x.shape, x.stride()))
             and available())
+
+
+def mask_operands(keep) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A KeepMask (or None) as the kernels read it: its bytes in memory order and its threshold."""
+    if keep is None:
+        return None, None
+    return flat(keep.draws), torch.tensor(float(keep.threshold))
 
 
 def shaped(values: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
@@ -130,23 +145,29 @@ class FusedStraightThroughQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, low, high, gradient_scale: float, keep):
-        keep_bytes = None if keep is None else flat(keep).view(torch.uint8)
+        draws, threshold = mask_operands(keep)
         values = flat(x)
-        ctx.save_for_backward(values, scale, zero_point, low, high, keep_bytes)
+        ctx.save_for_backward(values, scale, zero_point, low, high, draws, threshold)
         ctx.shape, ctx.stride, ctx.gradient_scale = x.shape, x.stride(), gradient_scale
         ctx.channels_last = not x.is_contiguous()
-        return shaped(compiled(quantized_values)(values, scale, zero_point, low, high, keep_bytes), x.shape,
+        return shaped(compiled(quantized_values)(values, scale, zero_point, low, high, draws, threshold), x.shape,
                       ctx.channels_last)
 
     @staticmethod
     def backward(ctx, grad):
-        values, scale, zero_point, low, high, keep_bytes = ctx.saved_tensors
+        values, scale, zero_point, low, high, draws, threshold = ctx.saved_tensors
         if grad.stride() != ctx.stride:
             grad = grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-        operands = (flat(grad), values, scale, zero_point, low, high, keep_bytes)
+        operands = (flat(grad), values, scale, zero_point, low, high, draws, threshold)
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:
             grad_x = shaped(compiled(input_gradient)(*operands), ctx.shape, ctx.channels_last)
         if ctx.needs_input_grad[1]:
             grad_scale = compiled(step_size_gradient)(*operands) * ctx.gradient_scale
         return grad_x, grad_scale, None, None, None, None, None
+
+
+def mixed(dropped: torch.Tensor, kept_values: torch.Tensor, keep) -> torch.Tensor:
+    """quantizers.mixed in one compiled loop, for tensors `applies` accepts (both in one layout)."""
+    return shaped(compiled(mixed_values)(flat(dropped), flat(kept_values), *mask_operands(keep)), kept_values.shape,
+                  not kept_values.is_contiguous())

@@ -123,10 +123,28 @@ class RoundingLoss(torch.autograd.Function):
         return grad * slope, None, None
 
 
-def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """True with probability `keep_prob` (in steps of 1/256), for each element of `like`. Random
-    bytes, eight per 64-bit draw of torch's generator: torch.rand_like draws once per element and
-    was the largest single cost of a QDrop iteration."""
+@dataclass(frozen=True)
+class KeepMask:
+    """QDrop's choice of the elements that stay quantized: one random byte per element, kept where
+    the byte is below `threshold`. Whoever applies the mask compares as it reads the bytes, so no
+    boolean or float mask is written: at 224x224 each such pass over a unit's tensor cost as much as
+    drawing the bytes."""
+
+    draws: torch.Tensor  # uint8, with the shape and strides of the tensor it masks
+    threshold: int  # 1-255: the keep probability in 256ths
+
+    def boolean(self) -> torch.Tensor:
+        return self.draws < self.threshold
+
+    def keeping_all_of(self, rows: int) -> KeepMask:
+        """This mask followed by `rows` rows (along the batch) that keep every element."""
+        return KeepMask(torch.cat((self.draws, torch.zeros_like(self.draws[:rows]))), self.threshold)
+
+
+def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
+    """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). Random bytes,
+    eight per 64-bit draw of torch's generator: torch.rand_like draws once per element and was the
+    largest single cost of a QDrop iteration."""
     count = like.numel()
     draws = torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), dtype=torch.int64, device=like.device)
     threshold = min(255, max(1, round(keep_prob * 256)))
@@ -134,8 +152,16 @@ def keep_mask(like: torch.Tensor, keep_prob: float) -> torch.Tensor:
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
         # in the layout of `like`: an elementwise op over tensors of two layouts is several times slower
         n, c, h, w = like.shape
-        return random_bytes.view(n, h, w, c).permute(0, 3, 1, 2) < threshold
-    return random_bytes.view(like.shape) < threshold
+        return KeepMask(random_bytes.view(n, h, w, c).permute(0, 3, 1, 2), threshold)
+    return KeepMask(random_bytes.view(like.shape), threshold)
+
+
+def mixed(dropped: torch.Tensor, kept: torch.Tensor, keep: KeepMask) -> torch.Tensor:
+    """QDrop's mix of two tensors of one shape: `kept`'s value where `keep` keeps the element,
+    `dropped`'s elsewhere."""
+    if fused.applies(kept, keep) and dropped.stride() == kept.stride():
+        return fused.mixed(dropped, kept, keep)
+    return torch.lerp(dropped, kept, keep.boolean().to(kept.dtype))
 
 
 class StraightThroughQuantize(torch.autograd.Function):
@@ -191,7 +217,7 @@ class Quantizer(nn.Module):
       the weights before the quantizer learn; `scale` gets LSQ's scaled gradient where it requires one;
     - `alpha` (weights): AdaRound's rounding variables; soft (`soft_rounding`) until `harden()`;
     - `drop_prob` (with `straight_through`): QDrop, each element takes its float value with this probability;
-      `shared_keep`, when set, is the boolean mask to use instead of a fresh random one (see
+      `shared_keep`, when set, is the KeepMask to use instead of a fresh random one (see
       `reconstruct.input_drop_masks`);
     - `enabled` False: the identity (the float model).
     """
@@ -206,7 +232,7 @@ class Quantizer(nn.Module):
         self.soft_rounding: SoftRounding | None = None
         self.straight_through = False
         self.drop_prob = 0.0
-        self.shared_keep: torch.Tensor | None = None
+        self.shared_keep: KeepMask | None = None
         self.enabled = True
 
     def broadcast(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -226,13 +252,14 @@ class Quantizer(nn.Module):
             if self.axis is None and fused.applies(x, keep):
                 low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
                 return fused.FusedStraightThroughQuantize.apply(x, scale, zero_point, low, high, gradient_scale, keep)
-            return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale, keep)
+            return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale,
+                                                 None if keep is None else keep.boolean())
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
             return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale
 
-    def kept_elements(self, x: torch.Tensor) -> torch.Tensor | None:
-        """QDrop's mask of the elements that stay quantized in this forward (True), None without drop."""
+    def kept_elements(self, x: torch.Tensor) -> KeepMask | None:
+        """QDrop's mask of the elements that stay quantized in this forward, None without drop."""
         if not self.drop_prob:
             return None
         return self.shared_keep if self.shared_keep is not None else keep_mask(x, 1.0 - self.drop_prob)

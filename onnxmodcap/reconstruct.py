@@ -30,7 +30,7 @@ from .losses import measure_loss, output_error, prediction_difference
 from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .pdquant import FloatPredictions, FloatRest, Prediction, float_predictions, prediction_data
 from .progress import progress_bar
-from .quantizers import QuantizerSet, keep_mask
+from .quantizers import KeepMask, QuantizerSet, keep_mask, mixed
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
 from .tensor_cache import DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout
 
@@ -259,13 +259,12 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     batch, keeps = quantized, [None] * len(quantized)
     if settings.drops:
         keeps = [keep_mask(q, 1.0 - drop_probability(settings, unit.unit.group_size)) for q in quantized]
-        batch = [torch.lerp(t[picks].to(device), q, keep.to(q.dtype))
-                 for q, t, keep in zip(quantized, data.float_inputs, keeps)]
+        batch = [mixed(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]
     if len(carried):
         batch = [torch.cat((b, q[:len(carried)])) for b, q in zip(batch, quantized)]
-        keeps = [None if k is None else torch.cat((k, torch.ones_like(k[:len(carried)]))) for k in keeps]
+        keeps = [None if k is None else k.keeping_all_of(len(carried)) for k in keeps]
     with input_drop_masks(unit, keeps):
         outputs = as_tuple(unit(*batch))
     loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
@@ -281,10 +280,10 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
 
 
 @contextmanager
-def input_drop_masks(unit: UnitMirror, keeps: list[torch.Tensor | None]):
+def input_drop_masks(unit: UnitMirror, keeps: list[KeepMask | None]):
     """QDrop at the unit's input, as published: an element is either the quantized value of the
-    quantized model's input or the float model's input. The input arrives already mixed (`keeps` is
-    True where it took the quantized model's value), so each input's quantizer must quantize exactly
+    quantized model's input or the float model's input. The input arrives already mixed (`keeps` keeps
+    the elements that took the quantized model's value), so each input's quantizer must quantize exactly
     those elements; with a mask of its own it would also pass unquantized quantized-model values and
     quantize float-model ones."""
     shared = [(quantizer, keep) for quantizer, keep in zip(unit.input_quantizers(), keeps) if quantizer is not None]

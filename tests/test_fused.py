@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onnxmodcap import fused
-from onnxmodcap.quantizers import Grid, Quantizer, StraightThroughQuantize, keep_mask
+from onnxmodcap.quantizers import Grid, Quantizer, StraightThroughQuantize, keep_mask, mixed
 
 SHAPE = (8, 32, 64, 64)  # 2^20 values: the smallest size fused.FUSED_MIN_ELEMENTS takes
 
@@ -59,6 +59,18 @@ def test_compiled_quantizer_gives_the_op_by_op_output_and_gradients(monkeypatch,
         assert grad_scale.item() == pytest.approx(op_grad_scale.item(), rel=1e-4)
     else:
         assert grad_scale is None and op_grad_scale is None
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_compiled_qdrop_mix_takes_exactly_the_kept_elements(layout):
+    torch.manual_seed(0)
+    dropped, kept = (torch.randn(SHAPE).contiguous(memory_format=layout) for _ in range(2))
+    keep = keep_mask(kept, 0.3)
+    assert fused.applies(kept, keep)
+    mix = mixed(dropped, kept, keep)
+    assert mix.stride() == kept.stride()
+    assert torch.equal(mix, torch.where(keep.boolean(), kept, dropped))
+    assert 0.29 < keep.boolean().float().mean().item() < 0.31
 
 
 def test_a_shared_mask_in_another_layout_runs_op_by_op():

@@ -5,6 +5,10 @@ after 5 warm-up calls):
     OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: docs/benchmarks/reconstruct.md
     python tools/bench_ops.py --fused                     # compiled quantizer kernels, 2 threads: the same document
 
+--fused times each operation once per round, the operations taking turns, and prints the median
+of 15 rounds: on a shared machine the memory bandwidth these passes need changes from minute to
+minute, and taking turns lets every operation see the same changes.
+
 --real times forward + backward at the sizes of EfficientNet-Lite1's first blocks (batch 32, 240x240
 input): convolutions in NCHW against channels-last, and the ways to write a ReLU6 Clip, with freed
 memory kept in the process (`onnxmodcap.allocator.retained_memory`) and without.
@@ -31,6 +35,20 @@ def ms(action, calls=300):
     for _ in range(calls):
         action()
     return (time.perf_counter() - started) / calls * 1e3
+
+
+def medians_in_turn(actions: dict, rounds: int = 15) -> dict:
+    """Median milliseconds per call of each action, timed once per round in turn after 2 warm-up calls."""
+    for action in actions.values():
+        action()
+        action()
+    seconds = {name: [] for name in actions}
+    for _ in range(rounds):
+        for name, action in actions.items():
+            started = time.perf_counter()
+            action()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: sorted(times)[rounds // 2] * 1e3 for name, times in seconds.items()}
 
 
 def real_resolution() -> None:
@@ -62,35 +80,53 @@ def compared_masks(x, scale, zero_point, low, high, keep):
     return torch.where(keep, centred * scale, x), (centred == rounded) | ~keep
 
 
+def weighted_masks(x, scale, zero_point, low, high, draws, threshold):
+    """fused.quantized_values with QDrop's bytes turned into a 0/1 lerp weight by arithmetic."""
+    centred = torch.clamp(torch.round(x / scale), low - zero_point, high - zero_point)
+    return torch.lerp(x, centred * scale, torch.clamp(threshold - draws.to(x.dtype), 0, 1))
+
+
 def compiled_kernels() -> None:
     torch.set_num_threads(2)
     x = (torch.randn(32, 96, 120, 120) * 0.4).contiguous(memory_format=torch.channels_last)
     keep = keep_mask(x, 0.5)
-    values, keep_bytes, keep_flat = fused.flat(x), fused.flat(keep).view(torch.uint8), fused.flat(keep)
+    boolean = keep.boolean()
+    values, keep_flat, (draws, threshold) = fused.flat(x), fused.flat(boolean), fused.mask_operands(keep)
+    other = torch.randn_like(x)
     scale, zero_point, low, high = torch.tensor(0.05), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(255.0)
     grad, grid = torch.randn_like(values), Grid.unsigned(8)
     by_comparisons = torch.compile(compared_masks, dynamic=True)
+    by_weights = torch.compile(weighted_masks, dynamic=True)
+    mixed_by_weight = torch.compile(lambda a, b, d, t: torch.lerp(a, b, torch.clamp(t - d.to(a.dtype), 0, 1)),
+                                    dynamic=True)
     below_one = torch.compile(lambda t: (t < 1).to(torch.uint8), dynamic=True)
     inductor_mask = torch.compile(lambda t: torch.ceil(torch.clamp(0.5 - torch.rand_like(t), 0, 1)).to(torch.uint8),
                                   dynamic=True)
     passes = (torch.rand_like(values) < 0.9)
     timings = {
         "forward, op by op (StraightThroughQuantize)":
-            lambda: StraightThroughQuantize.apply(x, scale, zero_point, grid, 1.0, keep),
+            lambda: StraightThroughQuantize.apply(x, scale, zero_point, grid, 1.0, boolean),
         "forward, compiled, masks from comparisons": lambda: by_comparisons(values, scale, zero_point, low, high, keep_flat),
-        "forward, compiled, masks from arithmetic (fused.py)":
-            lambda: fused.compiled(fused.quantized_values)(values, scale, zero_point, low, high, keep_bytes),
+        "forward, compiled (fused.py)":
+            lambda: fused.compiled(fused.quantized_values)(values, scale, zero_point, low, high, draws, threshold),
+        "forward, compiled, QDrop's bytes as a 0/1 lerp weight":
+            lambda: by_weights(values, scale, zero_point, low, high, draws, threshold),
         "backward to x, op by op (grad * boolean mask)": lambda: grad * passes,
         "backward to x, compiled (fused.py)":
-            lambda: fused.compiled(fused.input_gradient)(grad, values, scale, zero_point, low, high, keep_bytes),
+            lambda: fused.compiled(fused.input_gradient)(grad, values, scale, zero_point, low, high, draws, threshold),
         "(x < 1) as uint8, op by op": lambda: (values < 1).to(torch.uint8),
         "(x < 1) as uint8, compiled": lambda: below_one(values),
-        "keep mask from torch's generator (keep_mask)": lambda: keep_mask(x, 0.5),
+        "keep mask from torch's generator (keep_mask: random bytes)": lambda: keep_mask(x, 0.5),
+        "keep mask as booleans (KeepMask.boolean)": keep.boolean,
+        "QDrop's mix, op by op (lerp with the mask as floats)": lambda: torch.lerp(other, x, boolean.to(x.dtype)),
+        "QDrop's mix, compiled (fused.mixed)": lambda: fused.mixed(other, x, keep),
+        "QDrop's mix, compiled, the bytes as a 0/1 lerp weight":
+            lambda: mixed_by_weight(fused.flat(other), values, draws, threshold),
         "keep mask from inductor's rand, compiled": lambda: inductor_mask(values),
     }
     with retained_memory(), torch.no_grad():
-        for name, action in timings.items():
-            print(f"  {name}: {ms(action, 10):.1f} ms")
+        for name, median in medians_in_turn(timings).items():
+            print(f"  {name}: {median:.1f} ms")
 
 
 if "--fused" in sys.argv:
