@@ -12,15 +12,16 @@ float inputs is one loop too. Each loop compares QDrop's random byte with the ma
 it reads it (`quantizers.KeepMask`).
 
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
-round half to even, clamp, multiply; where QDrop drops an element, x itself), so the output and the
-gradient to x are identical; the step size's gradient is the same sum in another order. The grid's
+round half to even, clamp, multiply; where QDrop drops an element, x itself), so for finite values
+the output and the gradient to x are identical; the step size's gradient is the same sum in another
+order. The grid's
 mask is built with arithmetic (clamp, abs, sign), which vectorised better than comparisons in
 inductor's CPU code; QDrop's bytes are compared inside torch.where, which measured faster than
 arithmetic on them (docs/benchmarks/reconstruct.md, "QDrop's masks").
 
 Compiled kernels need a C++ compiler. `available()` tries once per process; without one, or on
-other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the op-by-op
-quantizer runs.
+other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the quantizer
+and the mix run op by op.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def shaped(values: torch.Tensor, shape: torch.Size, channels_last: bool) -> torc
 
 class FusedStraightThroughQuantize(torch.autograd.Function):
     """quantizers.StraightThroughQuantize in compiled kernels, for tensors `applies` accepts. The
-    backward pass recomputes the masks from x instead of storing them."""
+    backward pass recomputes the grid's mask from x instead of storing it, and reads QDrop's bytes
+    again."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, low, high, gradient_scale: float, keep):
@@ -167,7 +169,7 @@ class FusedStraightThroughQuantize(torch.autograd.Function):
         return grad_x, grad_scale, None, None, None, None, None
 
 
-def mixed(dropped: torch.Tensor, kept_values: torch.Tensor, keep) -> torch.Tensor:
+def mixed(dropped: torch.Tensor, kept: torch.Tensor, keep) -> torch.Tensor:
     """quantizers.mixed in one compiled loop, for tensors `applies` accepts (both in one layout)."""
-    return shaped(compiled(mixed_values)(flat(dropped), flat(kept_values), *mask_operands(keep)), kept_values.shape,
-                  not kept_values.is_contiguous())
+    return shaped(compiled(mixed_values)(flat(dropped), flat(kept), *mask_operands(keep)), kept.shape,
+                  not kept.is_contiguous())

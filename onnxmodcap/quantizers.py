@@ -126,14 +126,15 @@ class RoundingLoss(torch.autograd.Function):
 @dataclass(frozen=True)
 class KeepMask:
     """QDrop's choice of the elements that stay quantized: one random byte per element, kept where
-    the byte is below `threshold`. Whoever applies the mask compares as it reads the bytes, so no
-    boolean or float mask is written: at 224x224 each such pass over a unit's tensor cost as much as
-    drawing the bytes."""
+    the byte is below `threshold`. The compiled kernels (fused.py) compare each byte as they read
+    it, so on real-resolution tensors no boolean or float mask is written (at 224x224 such a pass
+    costs about 70 % of drawing the bytes); the op-by-op path uses `boolean()`."""
 
     draws: torch.Tensor  # uint8, with the shape and strides of the tensor it masks
     threshold: int  # 1-255: the keep probability in 256ths
 
     def boolean(self) -> torch.Tensor:
+        """True where the element is kept."""
         return self.draws < self.threshold
 
     def keeping_all_of(self, rows: int) -> KeepMask:
@@ -159,7 +160,7 @@ def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
 def mixed(dropped: torch.Tensor, kept: torch.Tensor, keep: KeepMask) -> torch.Tensor:
     """QDrop's mix of two tensors of one shape: `kept`'s value where `keep` keeps the element,
     `dropped`'s elsewhere."""
-    if fused.applies(kept, keep) and dropped.stride() == kept.stride():
+    if fused.applies(kept, keep) and (dropped.dtype, dropped.stride()) == (kept.dtype, kept.stride()):
         return fused.mixed(dropped, kept, keep)
     return torch.lerp(dropped, kept, keep.boolean().to(kept.dtype))
 

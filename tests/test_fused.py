@@ -1,5 +1,5 @@
-"""The compiled straight-through quantizer (onnxmodcap/fused.py) against the op-by-op one, at the
-tensor sizes where quantize uses it."""
+"""The compiled straight-through quantizer and QDrop mix (onnxmodcap/fused.py) against the op-by-op
+ones, at the tensor sizes where quantize uses them."""
 
 import logging
 from collections import Counter
@@ -71,6 +71,17 @@ def test_compiled_qdrop_mix_takes_exactly_the_kept_elements(layout):
     assert mix.stride() == kept.stride()
     assert torch.equal(mix, torch.where(keep.boolean(), kept, dropped))
     assert 0.29 < keep.boolean().float().mean().item() < 0.31
+
+
+def test_rows_carried_without_drop_keep_every_element_in_the_batch_layout():
+    """PD-Quant's carried images are appended to the batch with a mask that keeps all of them; the
+    longer mask keeps the batch's layout, so the kernels still take it."""
+    batch = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
+    keep = keep_mask(batch, 0.5)
+    longer = keep.keeping_all_of(3)
+    carried = torch.cat((batch, batch[:3]))
+    assert torch.equal(longer.boolean()[:len(batch)], keep.boolean()) and bool(longer.boolean()[len(batch):].all())
+    assert fused.applies(carried, longer)
 
 
 def test_a_shared_mask_in_another_layout_runs_op_by_op():

@@ -1,5 +1,5 @@
-"""Costs of the torch operations that shaped the reconstruction step (one thread; mean of 300 calls
-after 5 warm-up calls):
+"""Costs of the torch operations that shaped the reconstruction step (one thread, mean of 300 calls
+after 5 warm-up calls, unless said below):
 
     OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: docs/benchmarks/shipped_models.md, "Reconstruction iteration cost"
     OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: docs/benchmarks/reconstruct.md
@@ -80,10 +80,15 @@ def compared_masks(x, scale, zero_point, low, high, keep):
     return torch.where(keep, centred * scale, x), (centred == rounded) | ~keep
 
 
+def byte_weight(draws, threshold, like):
+    """QDrop's bytes as a lerp weight by arithmetic: 1.0 below the threshold, else 0.0."""
+    return torch.clamp(threshold - draws.to(like.dtype), 0, 1)
+
+
 def weighted_masks(x, scale, zero_point, low, high, draws, threshold):
-    """fused.quantized_values with QDrop's bytes turned into a 0/1 lerp weight by arithmetic."""
+    """fused.quantized_values with QDrop's bytes turned into a 0/1 lerp weight."""
     centred = torch.clamp(torch.round(x / scale), low - zero_point, high - zero_point)
-    return torch.lerp(x, centred * scale, torch.clamp(threshold - draws.to(x.dtype), 0, 1))
+    return torch.lerp(x, centred * scale, byte_weight(draws, threshold, x))
 
 
 def compiled_kernels() -> None:
@@ -97,8 +102,7 @@ def compiled_kernels() -> None:
     grad, grid = torch.randn_like(values), Grid.unsigned(8)
     by_comparisons = torch.compile(compared_masks, dynamic=True)
     by_weights = torch.compile(weighted_masks, dynamic=True)
-    mixed_by_weight = torch.compile(lambda a, b, d, t: torch.lerp(a, b, torch.clamp(t - d.to(a.dtype), 0, 1)),
-                                    dynamic=True)
+    mixed_by_weight = torch.compile(lambda a, b, d, t: torch.lerp(a, b, byte_weight(d, t, a)), dynamic=True)
     below_one = torch.compile(lambda t: (t < 1).to(torch.uint8), dynamic=True)
     inductor_mask = torch.compile(lambda t: torch.ceil(torch.clamp(0.5 - torch.rand_like(t), 0, 1)).to(torch.uint8),
                                   dynamic=True)

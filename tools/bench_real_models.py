@@ -17,7 +17,9 @@ must have the machine to themselves.
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
 (rtn, brecq, qdrop, pdquant), optionally followed by `+tensorrt` (--target), `+reduce-range`,
-`+bias-correction` or `+no-bias-correction`, `/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
+`+bias-correction`, `+no-bias-correction` or `+no-dc` (pdquant without distribution correction),
+`/minmax` (--init), `@300` (--iters) and `%4.2` (--mixed-precision 4.2), in that order; or
+ort-minmax / ort-percentile (ONNX Runtime's quantize_static); or
 aimet-adaround, optionally `@N` (AdaRound steps per layer, AIMET's default 10000 without it), or
 aimet-quantsim (AIMET's quantization simulation without AdaRound): AIMET-ONNX
 in its own virtualenv (`tools/setup_peers.sh`, run by `tools/peer_aimet.py` under
@@ -137,7 +139,7 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
                "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json"))]
     command += ["--iters", iters] if iters else []
     modifiers = {"reduce-range": ["--reduce-range"], "bias-correction": ["--bias-correction"],
-                 "no-bias-correction": ["--no-bias-correction"]}
+                 "no-bias-correction": ["--no-bias-correction"], "no-dc": ["--no-dc"]}
     command += modifiers.get(target, ["--target", target] if target else [])
     command += ["--init", init] if init else []
     command += ["--mixed-precision", budget] if budget else []
