@@ -14,10 +14,9 @@ it reads it (`quantizers.KeepMask`).
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
 round half to even, clamp, multiply; where QDrop drops an element, x itself), so for finite values
 the output and the gradient to x are identical; the step size's gradient is the same sum in another
-order. The grid's
-mask is built with arithmetic (clamp, abs, sign), which vectorised better than comparisons in
-inductor's CPU code; QDrop's bytes are compared inside torch.where, which measured faster than
-arithmetic on them (docs/benchmarks/reconstruct.md, "QDrop's masks").
+order. The grid's mask is built with arithmetic (clamp, abs, sign), which vectorised better than
+comparisons in inductor's CPU code; QDrop's bytes are compared inside torch.where, which measured
+faster than arithmetic on them (docs/benchmarks/reconstruct.md, "QDrop's masks").
 
 Compiled kernels need a C++ compiler. `available()` tries once per process; without one, or on
 other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the quantizer
