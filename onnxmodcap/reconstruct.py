@@ -29,7 +29,7 @@ from .checkpoint import Checkpointer, set_device_rng_state
 from .losses import measure_loss, output_error, prediction_difference
 from .mirror import NetworkMirror, UnitMirror, as_tuple
 from .pdquant import FloatPredictions, FloatRest, Prediction, float_predictions, prediction_data
-from .progress import progress_bar
+from .progress import predicted_seconds_bar, progress_bar
 from .quantizers import KeepMask, QuantizerSet, keep_mask, mixed
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
 from .tensor_cache import DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout
@@ -68,8 +68,8 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
         if settings.method == "pdquant":
             predicted = float_predictions(prediction, inputs, cache, device, settings.batch_size)
         steps = step_costs(mirror, inputs[:settings.batch_size], settings, device, prediction, predicted)
-        with progress_bar(total=settings.iters * sum(steps), initial=settings.iters * sum(steps[:len(results)]),
-                  desc="reconstructing", bar_format=OVERALL_BAR, smoothing=0) as overall:
+        with predicted_seconds_bar(settings.iters * sum(steps), settings.iters * sum(steps[:len(results)]),
+                                   desc="reconstructing", bar_format=OVERALL_BAR) as overall:
             for index, unit in enumerate(mirror.units):
                 float_inputs = float_stream.inputs_of(unit)
                 float_outputs = float_stream.advance(index, unit, quantized=False, device=device)
@@ -95,7 +95,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
 
 # The overall bar measures work in predicted seconds (`step_costs`), so its share and time left
 # weigh each unit by its cost: on EfficientNet-Lite1 at 240x240 block2's step costs 15 times the head's.
-# Its time left comes from the mean rate of the whole run (smoothing=0), not from the last few steps.
+# Its time left comes from the whole run's rate, held towards the prediction (`progress.held_rate`).
 OVERALL_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 

@@ -1,16 +1,16 @@
 """How right the overall reconstruction bar's time left was, read from the JSON reports of finished runs.
 
-    python tools/eta_accuracy.py [--damping FRACTION] REPORT.json [REPORT.json ...]
+    python tools/eta_accuracy.py [--weight FRACTION] REPORT.json [REPORT.json ...]
 
 `quantize --report` records, per unit, the seconds it took and the seconds the bar expected
 (`estimated_seconds`: iterations x the step time measured before the first unit). The bar counts
-work in expected seconds and divides the work left by the mean rate so far (tqdm, smoothing 0). At
-the end of each unit k this prints that time left, the time the remaining units really took, and the
-error; the worst error from the end of the first unit on is the figure issue 30 asks to keep within 20 %.
-With --damping F it prints what a bar would have shown whose rate adds F x the run's expected total
-to both the expected and the real seconds done (a rate held towards the probe's own seconds; the
-bar itself does not do this).
-Time spent between units (carrying the calibration images forward) is in neither column.
+work in expected seconds and divides the work left by `progress.held_rate`: the expected and the
+real seconds done, each plus the prediction's weight (`progress.PREDICTION_WEIGHT`) times the run's
+expected total. At the end of each unit k this prints that time left, the time the remaining units
+really took, and the error; the worst error from the end of the first unit on is the figure issue
+30 asks to keep within 20 %. `--weight F` prints what a bar with weight F would have shown
+(0: tqdm's plain mean rate, the bar before the weight). Time spent between units (carrying the
+calibration images forward) is in neither column.
 """
 
 from __future__ import annotations
@@ -19,24 +19,26 @@ import json
 import sys
 from pathlib import Path
 
+from onnxmodcap.progress import PREDICTION_WEIGHT, held_rate
 
-def eta_errors(units: list[dict], damping: float = 0.0) -> list[tuple[str, float, float]]:
+
+def eta_errors(units: list[dict], weight: float = PREDICTION_WEIGHT) -> list[tuple[str, float, float]]:
     """(unit just finished, predicted seconds left, real seconds left) at the end of every unit but the last."""
     spent = [unit["seconds"] + unit.get("correction_seconds", 0.0) for unit in units]
     expected = [unit["estimated_seconds"] for unit in units]
-    prior = damping * sum(expected)
+    prior = weight * sum(expected)
     rows = []
     for done in range(1, len(units)):
-        rate = (sum(expected[:done]) + prior) / (sum(spent[:done]) + prior)
+        rate = held_rate(sum(expected[:done]), sum(spent[:done]), prior)
         rows.append((units[done - 1]["name"], sum(expected[done:]) / rate, sum(spent[done:])))
     return rows
 
 
 def main() -> None:
     args = sys.argv[1:]
-    damping = 0.0
-    if args[:1] == ["--damping"] and len(args) > 1:
-        damping, args = float(args[1]), args[2:]
+    weight = PREDICTION_WEIGHT
+    if args[:1] == ["--weight"] and len(args) > 1:
+        weight, args = float(args[1]), args[2:]
     if not args:
         sys.exit(__doc__)
     for path in args:
@@ -44,7 +46,7 @@ def main() -> None:
         if not units or not all(unit.get("estimated_seconds") for unit in units):
             sys.exit(f"error: {path} has no reconstruction with estimated_seconds (a report of a quantize run "
                      "that reconstructed, written by this version)")
-        rows = eta_errors(units, damping)
+        rows = eta_errors(units, weight)
         print(f"{path}: {len(units)} units, {sum(u['seconds'] for u in units):.0f} s reconstructing")
         print("| after unit | time left shown (s) | real (s) | error |")
         print("|---|---:|---:|---:|")
