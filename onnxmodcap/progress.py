@@ -10,7 +10,7 @@ _shown = True
 # divides the work left by counts this share of the whole run's predicted seconds as done at the
 # predicted speed, beside what was really done. On the three real-model runs made with the probe
 # of `reconstruct.step_costs` as it is, 0.5 kept the time left within 18-20 % where the plain mean
-# rate missed by 24-55 % (docs/benchmarks/reconstruct.md, "Time left on the progress bar").
+# rate missed by 24-55 % (docs/benchmarks/reconstruct.md, "The held rate").
 PREDICTION_WEIGHT = 0.5
 
 
@@ -36,13 +36,16 @@ def held_rate(done: float, elapsed: float, prior: float) -> float:
 
 class PredictedSecondsBar(tqdm):
     """A bar whose work is counted in predicted seconds and whose time left divides the work left by
-    `held_rate` with PREDICTION_WEIGHT of the total as the prior (tqdm's own rate is the plain mean)."""
+    `held_rate` with PREDICTION_WEIGHT of the total as the prior, instead of tqdm's own rate."""
 
     @property
     def format_dict(self):
         shown = super().format_dict
+        if "initial" not in shown:  # a disabled bar shows nothing
+            return shown
         prior = PREDICTION_WEIGHT * (self.total or 0)
-        shown["rate"] = held_rate(shown["n"] - shown["initial"], shown["elapsed"], prior)
+        if shown["elapsed"] + prior > 0:
+            shown["rate"] = held_rate(shown["n"] - shown["initial"], shown["elapsed"], prior)
         return shown
 
 
@@ -51,4 +54,4 @@ def predicted_seconds_bar(total: float, initial: float = 0.0, **options) -> tqdm
     run), hidden when `show_progress(False)` was called."""
     if not _shown:
         options["disable"] = True
-    return PredictedSecondsBar(total=total, initial=initial, **options)
+    return PredictedSecondsBar(total=total, initial=initial, smoothing=0, **options)

@@ -10,7 +10,9 @@ expected total. At the end of each unit k this prints that time left, the time t
 really took, and the error; the worst error from the end of the first unit on is the figure issue
 30 asks to keep within 20 %. `--weight F` prints what a bar with weight F would have shown
 (0: tqdm's plain mean rate, the bar before the weight). Time spent between units (carrying the
-calibration images forward) is in neither column.
+calibration images forward, saving checkpoints) is in neither column, though the bar's elapsed
+time holds it, so the time left it shows is a little lower than printed here; a resumed run is
+replayed as if it had run in one go.
 """
 
 from __future__ import annotations
