@@ -20,11 +20,11 @@ def show_progress(shown: bool) -> None:
     _shown = shown
 
 
-def progress_bar(iterable=None, **options) -> tqdm:
-    """A tqdm bar, hidden when `show_progress(False)` was called."""
+def progress_bar(iterable=None, bar: type[tqdm] = tqdm, **options) -> tqdm:
+    """A tqdm bar (or one of the subclass `bar`), hidden when `show_progress(False)` was called."""
     if not _shown:
         options["disable"] = True
-    return tqdm(iterable, **options)
+    return bar(iterable, **options)
 
 
 def held_rate(done: float, elapsed: float, prior: float) -> float:
@@ -52,6 +52,4 @@ class PredictedSecondsBar(tqdm):
 def predicted_seconds_bar(total: float, initial: float = 0.0, **options) -> tqdm:
     """A `PredictedSecondsBar` of `total` predicted seconds, `initial` of them done before (a resumed
     run), hidden when `show_progress(False)` was called."""
-    if not _shown:
-        options["disable"] = True
-    return PredictedSecondsBar(total=total, initial=initial, smoothing=0, **options)
+    return progress_bar(bar=PredictedSecondsBar, total=total, initial=initial, smoothing=0, **options)
