@@ -22,9 +22,30 @@ def output_error(outputs, targets) -> torch.Tensor:
     """Squared error summed over channels, averaged over batch and positions, summed over outputs."""
     total = 0.0
     for output, target in zip(as_tuple(outputs), targets):
-        squared = (output - target) ** 2
-        total = total + (squared.sum(1).mean() if squared.dim() > 1 else squared.mean())
+        if output.dim() > 1:
+            total = total + ChannelSquaredError.apply(output, target).mean()
+        else:
+            total = total + ((output - target) ** 2).mean()
     return total
+
+
+class ChannelSquaredError(torch.autograd.Function):
+    """((output - target) ** 2).sum(1), the same values both ways, with the gradient to the output
+    in one full-size pass, (output - target) * 2 * grad. Autograd through that expression takes three
+    (a copy of the difference and two products), which on a reconstruction unit's 32 x 32 x 120 x 120
+    output is a tenth of an iteration."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        difference = output - target
+        ctx.save_for_backward(difference)
+        return (difference * difference).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (difference,) = ctx.saved_tensors
+        to_output = difference * (2 * grad).unsqueeze(1)
+        return to_output, -to_output if ctx.needs_input_grad[1] else None
 
 
 def unit_errors(mirror: NetworkMirror, inputs: np.ndarray, device: torch.device,

@@ -267,7 +267,8 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
         keeps = [None if k is None else k.keeping_all_of(len(carried)) for k in keeps]
     with input_drop_masks(unit, keeps):
         outputs = as_tuple(unit(*batch))
-    loss = output_error(tuple(o[:len(picks)] for o in outputs), [t[picks].to(device) for t in data.targets])
+    trained = tuple(o[:len(picks)] for o in outputs) if len(carried) else outputs  # a slice's backward fills zeros and copies
+    loss = output_error(trained, [t[picks].to(device) for t in data.targets])
     if len(carried):
         predicted = data.rest.predicted
         reached = data.rest(tuple(o[len(picks):] for o in outputs), carried)

@@ -355,3 +355,16 @@ def test_unit_loss_measured_in_batches_equals_the_loss_of_one_batch(resnet, cali
     batched = measure_loss(unit, [CachedTensor(x_q)], [CachedTensor(target)], torch.device("cpu"), batch_size=24)
     assert whole > 0
     assert batched == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_output_error_gives_autograd_values_and_gradients_bit_for_bit(layout):
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(4, 8, 5, 6, generator=generator).contiguous(memory_format=layout).requires_grad_(True)
+    target = torch.randn(4, 8, 5, 6, generator=generator).contiguous(memory_format=layout).requires_grad_(True)
+    expected = ((output - target) ** 2).sum(1).mean()
+    expected_grads = torch.autograd.grad(expected, (output, target))
+    loss = output_error(output, [target])
+    grads = torch.autograd.grad(loss, (output, target))
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(got, want) for got, want in zip(grads, expected_grads))
