@@ -95,7 +95,7 @@ def correct_biases(mirror: NetworkMirror, plan: QuantPlan, images: np.ndarray, b
                    device: torch.device, cache: TensorCache) -> BiasCorrection:
     """Correct, in the mirror, the bias of every quantized layer that has one (see the module docstring)."""
     images = images[:CORRECTION_IMAGES]
-    graph_inputs = {mirror.input_names[0]: torch.from_numpy(images)}
+    graph_inputs = cache.store_graph_inputs({mirror.input_names[0]: torch.from_numpy(images)})
     float_stream = TensorStream(mirror, cache, graph_inputs, batch_size)
     quantized_stream = TensorStream(mirror, cache, graph_inputs, batch_size)
     corrected = []

@@ -61,7 +61,7 @@ def reconstruct(mirror: NetworkMirror, quantizers: QuantizerSet, inputs: np.ndar
     resumed = checkpointer.load(quantizers) if checkpointer and resume else None
     results = [UnitResult(**r) for r in resumed.results] if resumed else []
     with TensorCache(cache_budget, cache_folder) as cache:
-        graph_inputs = {mirror.input_names[0]: torch.from_numpy(inputs)}
+        graph_inputs = cache.store_graph_inputs({mirror.input_names[0]: torch.from_numpy(inputs)})
         float_stream = TensorStream(mirror, cache, graph_inputs, settings.batch_size)
         quantized_stream = TensorStream(mirror, cache, graph_inputs, settings.batch_size)
         predicted = None
@@ -116,14 +116,22 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
             env.update(zip(unit.unit.outputs, outputs))
             env = mirror.live_after(index, env)
             held_inputs, held_outputs = [CachedTensor(t) for t in batch], [CachedTensor(t) for t in outputs]
+            float_inputs = float_counterparts(mirror, unit, held_inputs)
             rest = None
             if prediction is not None:
                 held = {name: CachedTensor(tensor) for name, tensor in env.items()}
                 rest = FloatRest(prediction.float_mirror, index, held, predicted, device)
-            data = UnitData(quantized_inputs=held_inputs, float_inputs=held_inputs, targets=held_outputs,
-                            reference_outputs=held_outputs, rest=rest)  # the float batch stands in for both inputs
+            data = UnitData(quantized_inputs=held_inputs, float_inputs=float_inputs, targets=held_outputs,
+                            reference_outputs=held_outputs, rest=rest)
             costs.append(trial_step_seconds(unit, data, settings, device, generator))
     return costs
+
+
+def float_counterparts(mirror: NetworkMirror, unit: UnitMirror, inputs: list[CachedTensor]) -> list[CachedTensor]:
+    """Float inputs for a step run on one batch that stands in for both of a unit's inputs (the
+    probe, tools/bench_reconstruct.py): a graph input stays the same CachedTensor, as in a run, and
+    any other gets a CachedTensor of its own, so that the step mixes it as a run does."""
+    return [held if name in mirror.input_names else CachedTensor(held.data) for name, held in zip(unit.unit.inputs, inputs)]
 
 
 def trial_step_seconds(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
@@ -259,7 +267,8 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     batch, keeps = quantized, [None] * len(quantized)
     if settings.drops:
         keeps = [keep_mask(q, 1.0 - drop_probability(settings, unit.unit.group_size)) for q in quantized]
-        batch = [mixed(t[picks].to(device), q, keep) for q, t, keep in zip(quantized, data.float_inputs, keeps)]
+        batch = [q if f is held else mixed(f[picks].to(device), q, keep)
+                 for q, held, f, keep in zip(quantized, data.quantized_inputs, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]
     if len(carried):

@@ -96,6 +96,10 @@ class TensorCache:
                 cached.data = np.load(cached.path, mmap_mode="r")
         return stored
 
+    def store_graph_inputs(self, graph_inputs: dict[str, torch.Tensor]) -> dict[str, CachedTensor]:
+        """The calibration images, stored once for the float and the quantized stream alike."""
+        return {name: self.store([(value,)], len(value))[0] for name, value in graph_inputs.items()}
+
     def allocate(self, shape: tuple[int, ...]) -> CachedTensor:
         size = math.prod(shape) * 4  # float32
         if self.used + size <= self.budget:
@@ -108,23 +112,27 @@ class TensorCache:
         return CachedTensor(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape), path)
 
     def release(self, cached: CachedTensor) -> None:
+        """Free `cached`; once only, as both streams release the graph inputs they share."""
+        if cached.data is None:
+            return
         if cached.path is None:
             self.used -= cached.data.numel() * cached.data.element_size()
         else:
-            cached.data = None
             cached.path.unlink(missing_ok=True)
+        cached.data = None
 
 
 class TensorStream:
     """The tensors between units for all calibration images, as the float or the quantized model
-    computes them `batch_size` images at a time; tensors no later unit reads are released."""
+    computes them `batch_size` images at a time, starting from the stored graph inputs (see
+    `TensorCache.store_graph_inputs`); tensors no later unit reads are released."""
 
-    def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, torch.Tensor],
+    def __init__(self, mirror: NetworkMirror, cache: TensorCache, graph_inputs: dict[str, CachedTensor],
                  batch_size: int):
         self.mirror = mirror
         self.cache = cache
         self.batch_size = batch_size
-        self.tensors = {name: cache.store([(value,)], len(value))[0] for name, value in graph_inputs.items()}
+        self.tensors = dict(graph_inputs)
         self.retired: list[CachedTensor] = []  # no longer needed, but the caller may read them until the next step
 
     def inputs_of(self, unit: UnitMirror) -> list[CachedTensor]:
@@ -156,7 +164,9 @@ def run_in_batches(unit: UnitMirror, inputs: list[CachedTensor], device: torch.d
 class UnitData:
     """The tensors one unit trains on, rows aligned with the calibration images: its quantized
     input, the float counterpart QDrop mixes in, the training target, and the float output the
-    reported loss is measured against. pdquant adds the float rest of the network."""
+    reported loss is measured against. pdquant adds the float rest of the network. A float input
+    that is the very CachedTensor of its quantized input (a graph input, the same images in both
+    networks) has nothing to mix in."""
 
     quantized_inputs: list[CachedTensor]
     float_inputs: list[CachedTensor]

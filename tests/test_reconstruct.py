@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import onnxmodcap
-from onnxmodcap import pipeline
+from onnxmodcap import pipeline, quantizers, reconstruct
 from onnxmodcap.losses import measure_loss, output_error
 from onnxmodcap.checkpoint import quantizer_state
 from onnxmodcap.config import QuantizeConfig
@@ -28,8 +28,9 @@ from onnxmodcap.graph import has_depthwise_conv
 from onnxmodcap.recipes import ReconstructionSettings, reconstruction_settings, resolve_preset
 from onnxmodcap.run_state import exact_float32
 from onnxmodcap.pdquant import FloatRest, float_predictions, prediction_inputs
-from onnxmodcap.reconstruct import start_training, step_costs, training_loss
-from onnxmodcap.tensor_cache import CachedTensor, TensorCache, UnitData
+from onnxmodcap.mirror import as_tuple
+from onnxmodcap.reconstruct import float_counterparts, start_training, step_costs, training_loss
+from onnxmodcap.tensor_cache import CachedTensor, TensorCache, TensorStream, UnitData
 
 ITERS = 30
 LEARNING_ITERS = 120  # enough for AdaRound's rounding to settle before it is hardened
@@ -368,3 +369,46 @@ def test_output_error_gives_autograd_values_and_gradients_bit_for_bit(layout):
     grads = torch.autograd.grad(loss, (output, target))
     assert torch.equal(loss, expected)
     assert all(torch.equal(got, want) for got, want in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["in memory", "spilled"])
+def test_graph_inputs_are_stored_once_for_both_streams_and_released_once(resnet, calib, tmp_path, budget):
+    config = QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=64)
+    sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
+    images = torch.from_numpy(sim.data.inputs)
+    with TensorCache(budget, tmp_path / "cache") as cache:
+        graph_inputs = cache.store_graph_inputs({sim.mirror.input_names[0]: images})
+        float_stream = TensorStream(sim.mirror, cache, graph_inputs, 32)
+        quantized_stream = TensorStream(sim.mirror, cache, graph_inputs, 32)
+        stem = sim.mirror.units[0]
+        assert float_stream.inputs_of(stem)[0] is quantized_stream.inputs_of(stem)[0]
+        assert cache.used == (images.numel() * 4 if budget else 0)
+        assert torch.equal(float_stream.inputs_of(stem)[0][torch.arange(3)], images[:3])
+        for index in range(2):  # the second advance releases what the first retired
+            for stream, quantized in ((float_stream, False), (quantized_stream, True)):
+                stream.advance(index, sim.mirror.units[index], quantized, torch.device("cpu"))
+        assert graph_inputs[sim.mirror.input_names[0]].data is None
+        outputs = [t for stream in (float_stream, quantized_stream) for t in (*stream.tensors.values(), *stream.retired)]
+        assert cache.used == (sum(t.data.numel() * 4 for t in outputs) if budget else 0)
+        assert len(list((tmp_path / "cache").glob("*.npy"))) == (0 if budget else len(outputs))
+
+
+def test_a_step_mixes_a_units_float_input_unless_it_is_the_graph_input_both_networks_read(resnet, calib,
+                                                                                           monkeypatch):
+    config = QuantizeConfig(bits=4, method="qdrop", modcap="off", num_calib=64)
+    sim = pipeline.simulate(Path(resnet), Path(calib), config, torch.device("cpu"))
+    stem, block = sim.mirror.units[:2]
+    assert block.unit.inputs == stem.unit.outputs
+    images = CachedTensor(torch.from_numpy(sim.data.inputs[:32]))
+    with stem.quantization(False), block.quantization(False), torch.no_grad():
+        stem_output = CachedTensor(as_tuple(stem(images.data))[0])
+        block_output = CachedTensor(as_tuple(block(stem_output.data))[0])
+    mixes = []
+    monkeypatch.setattr(reconstruct, "mixed", lambda *args: mixes.append(args[1].shape) or quantizers.mixed(*args))
+    for unit, held, target in ((stem, images, stem_output), (block, stem_output, block_output)):
+        float_inputs = float_counterparts(sim.mirror, unit, [held])
+        assert (float_inputs[0] is held) == (unit is stem)
+        training = start_training(unit, ReconstructionSettings(method="qdrop"))
+        training_loss(unit, UnitData([held], float_inputs, [target], [target]), ReconstructionSettings(method="qdrop"),
+                      torch.device("cpu"), torch.Generator().manual_seed(0), training.weights, None, False)
+    assert mixes == [stem_output.data.shape]

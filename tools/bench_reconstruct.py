@@ -28,7 +28,7 @@ from onnxmodcap.pipeline import simulate
 from onnxmodcap.losses import output_error
 from onnxmodcap.pdquant import FloatRest, float_predictions, prediction_inputs
 from onnxmodcap.recipes import PRESETS, ReconstructionSettings
-from onnxmodcap.reconstruct import start_training, training_loss
+from onnxmodcap.reconstruct import float_counterparts, start_training, training_loss
 from onnxmodcap.tensor_cache import TensorCache, TensorStream, UnitData
 
 
@@ -113,8 +113,8 @@ def run(args) -> None:
     settings = ReconstructionSettings(method=args.method, batch_size=args.batch_size, pd_batch_size=args.pd_batch_size)
     generator = torch.Generator().manual_seed(0)
     cache = TensorCache(budget=1 << 40, folder=Path("unused"))  # everything stays in memory
-    stream = TensorStream(sim.mirror, cache, {sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)},
-                          args.batch_size)
+    images = cache.store_graph_inputs({sim.mirror.input_names[0]: torch.from_numpy(sim.data.inputs)})
+    stream = TensorStream(sim.mirror, cache, images, args.batch_size)
     if args.method == "pdquant":
         prediction = prediction_inputs(sim.prepared, sim.mirror, cpu, "kl")
         predicted = float_predictions(prediction, sim.data.inputs, cache, cpu, args.batch_size)
@@ -131,7 +131,7 @@ def run(args) -> None:
         batch = [t[:args.batch_size] for t in inputs]
         targets = [t[:args.batch_size] for t in outputs]
         rest = FloatRest(prediction.float_mirror, index, stream.tensors, predicted, cpu) if args.method == "pdquant" else None
-        data = UnitData(inputs, inputs, outputs, outputs, rest=rest)
+        data = UnitData(inputs, float_counterparts(sim.mirror, unit, inputs), outputs, outputs, rest=rest)
         training = start_training(unit, settings)
 
         def iteration():
