@@ -17,6 +17,7 @@ replayed as if it had run in one go.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,18 +38,17 @@ def eta_errors(units: list[dict], weight: float = PREDICTION_WEIGHT) -> list[tup
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    weight = PREDICTION_WEIGHT
-    if args[:1] == ["--weight"] and len(args) > 1:
-        weight, args = float(args[1]), args[2:]
-    if not args:
-        sys.exit(__doc__)
-    for path in args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weight", type=float, default=PREDICTION_WEIGHT, metavar="FRACTION",
+                        help="the prediction's weight to replay (0: tqdm's plain mean rate; default: the bar's)")
+    parser.add_argument("reports", nargs="+", metavar="REPORT.json")
+    args = parser.parse_args()
+    for path in args.reports:
         units = json.loads(Path(path).read_text()).get("reconstruction") or []
         if not units or not all(unit.get("estimated_seconds") for unit in units):
             sys.exit(f"error: {path} has no reconstruction with estimated_seconds (a report of a quantize run "
                      "that reconstructed, written by this version)")
-        rows = eta_errors(units, weight)
+        rows = eta_errors(units, args.weight)
         print(f"{path}: {len(units)} units, {sum(u['seconds'] for u in units):.0f} s reconstructing")
         print("| after unit | time left shown (s) | real (s) | error |")
         print("|---|---:|---:|---:|")
