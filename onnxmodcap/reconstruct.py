@@ -130,8 +130,11 @@ def step_costs(mirror: NetworkMirror, inputs: np.ndarray, settings: Reconstructi
 def float_counterparts(mirror: NetworkMirror, unit: UnitMirror, inputs: list[CachedTensor]) -> list[CachedTensor]:
     """Float inputs for a step run on one batch that stands in for both of a unit's inputs (the
     probe, tools/bench_reconstruct.py): a graph input stays the same CachedTensor, as in a run, and
-    any other gets a CachedTensor of its own, so that the step mixes it as a run does."""
-    return [held if name in mirror.input_names else CachedTensor(held.data) for name, held in zip(unit.unit.inputs, inputs)]
+    any other gets a CachedTensor of its own, so that the step mixes it as a run does. (Where
+    PD-Quant's distribution correction changes the first unit's float input, a run mixes that
+    input too; the probe does not count that mix.)"""
+    return [held if name in mirror.input_names else CachedTensor(held.data)
+            for name, held in zip(unit.unit.inputs, inputs)]
 
 
 def trial_step_seconds(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
@@ -276,7 +279,8 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
         keeps = [None if k is None else k.keeping_all_of(len(carried)) for k in keeps]
     with input_drop_masks(unit, keeps):
         outputs = as_tuple(unit(*batch))
-    trained = tuple(o[:len(picks)] for o in outputs) if len(carried) else outputs  # a slice's backward fills zeros and copies
+    # cut only where rows were carried: a slice's backward fills a zero tensor and copies into it
+    trained = tuple(o[:len(picks)] for o in outputs) if len(carried) else outputs
     loss = output_error(trained, [t[picks].to(device) for t in data.targets])
     if len(carried):
         predicted = data.rest.predicted
