@@ -1,5 +1,5 @@
-"""The straight-through activation quantizer and QDrop's mix as compiled CPU kernels, for
-real-resolution tensors.
+"""The straight-through activation quantizer, QDrop's mix and QDrop's random bytes as compiled CPU
+kernels, for real-resolution tensors.
 
 Run op by op, `quantizers.StraightThroughQuantize` makes five float passes and four boolean ones
 over its tensor in the forward pass and converts its boolean mask in the backward pass. At 224x224
@@ -9,7 +9,8 @@ torch.compile turns each direction into one loop: the forward pass reads x and Q
 bytes and writes the output; the backward pass reads the incoming gradient, x and the bytes and
 writes the gradient to x, or sums the step size's gradient. QDrop's mix of a unit's quantized and
 float inputs is one loop too. Each loop compares QDrop's random byte with the mask's threshold as
-it reads it (`quantizers.KeepMask`).
+it reads it (`quantizers.KeepMask`). The random bytes are a hash of each word's index
+(`random_words`), so one loop writes them on every thread.
 
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
 round half to even, clamp, multiply; where QDrop drops an element, x itself), so for finite values
@@ -77,6 +78,27 @@ def mixed_values(dropped, kept, draws, threshold):
     return torch.where(draws < threshold, kept, dropped)
 
 
+def shifted_right(words, bits):
+    """The logical (unsigned) right shift of int32 words: `>>` on signed integers copies the sign."""
+    return (words >> bits) & ((1 << (32 - bits)) - 1)
+
+
+def lowbias32(words):
+    """Chris Wellons' lowbias32 integer hash on int32 words (products wrap modulo 2**32)."""
+    words = (words ^ shifted_right(words, 16)) * 0x7FEB352D
+    words = (words ^ shifted_right(words, 15)) * (0x846CA68B - (1 << 32))
+    return words ^ shifted_right(words, 16)
+
+
+def random_words(count, seeds):
+    """`count` pseudo-random int32 words: word i is lowbias32(lowbias32(i + seeds[0]) ^ seeds[1]).
+    Each word depends only on its index and the two seeds, so any number of threads, on any
+    device, compiled or op by op, writes the same words. Two masks whose first seeds lie less
+    than `count` apart would share shifted words after the first hash; the second seed sets them
+    apart again."""
+    return lowbias32(lowbias32(torch.arange(count, dtype=torch.int32, device=seeds.device) + seeds[0]) ^ seeds[1])
+
+
 @functools.cache
 def compiled(kernel):
     # dynamic shapes: one compilation serves every unit's sizes
@@ -94,9 +116,11 @@ def available() -> bool:
     cases += [(kernel, (x, x, *grid, *drops)) for kernel in (input_gradient, step_size_gradient)
               for drops in ((None, None), mask)]
     cases.append((mixed_values, (x, -x, *mask)))
+    seeds = torch.tensor([12345, -678], dtype=torch.int32)
     try:
         works = all(torch.allclose(compiled(kernel)(*inputs), kernel(*inputs), rtol=1e-5, atol=0)
                     for kernel, inputs in cases)
+        works = works and torch.equal(compiled(random_words)(64, seeds), random_words(64, seeds))
     except Exception as err:  # noqa: BLE001 - whatever stops compilation, the op-by-op quantizer runs
         works, reason = False, f"{type(err).__name__}: {first_line(err)}"
     else:
@@ -166,6 +190,14 @@ class FusedStraightThroughQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_scale = compiled(step_size_gradient)(*operands) * ctx.gradient_scale
         return grad_x, grad_scale, None, None, None, None, None
+
+
+def random_bytes(count: int, seeds: torch.Tensor) -> torch.Tensor:
+    """`count` random bytes (uint8) from `random_words` on the seeds' device: compiled where the
+    kernels apply, op by op elsewhere, the same bytes either way."""
+    words = (count + 3) // 4
+    fast = seeds.device.type == "cpu" and count >= FUSED_MIN_ELEMENTS and available()
+    return (compiled(random_words) if fast else random_words)(words, seeds).view(torch.uint8)[:count]
 
 
 def mixed(dropped: torch.Tensor, kept: torch.Tensor, keep) -> torch.Tensor:

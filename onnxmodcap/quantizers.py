@@ -143,13 +143,14 @@ class KeepMask:
 
 
 def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
-    """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). Random bytes,
-    eight per 64-bit draw of torch's generator: torch.rand_like draws once per element and was the
-    largest single cost of a QDrop iteration."""
+    """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). The random bytes
+    come from a counter-based hash (`fused.random_bytes`) seeded by two draws of torch's
+    generator: torch's own generator runs on one thread, and its bytes were the largest cost of a
+    QDrop iteration after the convolutions (docs/benchmarks/reconstruct.md, "QDrop's masks")."""
     count = like.numel()
-    draws = torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), dtype=torch.int64, device=like.device)
+    seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int64).to(device=like.device, dtype=torch.int32)
     threshold = min(255, max(1, round(keep_prob * 256)))
-    random_bytes = draws.view(torch.uint8)[:count]
+    random_bytes = fused.random_bytes(count, seeds)
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
         # in the layout of `like`: an elementwise op over tensors of two layouts is several times slower
         n, c, h, w = like.shape

@@ -1,5 +1,5 @@
-"""The compiled straight-through quantizer and QDrop mix (onnxmodcap/fused.py) against the op-by-op
-ones, at the tensor sizes where quantize uses them."""
+"""The compiled straight-through quantizer, QDrop mix and QDrop random bytes (onnxmodcap/fused.py)
+against the op-by-op ones, at the tensor sizes where quantize uses them."""
 
 import logging
 from collections import Counter
@@ -71,6 +71,46 @@ def test_compiled_qdrop_mix_takes_exactly_the_kept_elements(layout):
     assert mix.stride() == kept.stride()
     assert torch.equal(mix, torch.where(keep.boolean(), kept, dropped))
     assert 0.29 < keep.boolean().float().mean().item() < 0.31
+
+
+def reference_word(index: int, seeds: tuple[int, int]) -> int:
+    """random_words' word `index` in Python integers (unsigned 32-bit arithmetic), as int32."""
+    def lowbias32(v: int) -> int:
+        v = ((v ^ (v >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+        v = ((v ^ (v >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+    word = lowbias32(lowbias32((index + seeds[0]) & 0xFFFFFFFF) ^ (seeds[1] & 0xFFFFFFFF))
+    return word - (1 << 32) if word >> 31 else word
+
+
+def test_random_words_are_the_hash_of_their_index_compiled_or_not():
+    seeds = (2**31 - 3, -5)  # the first seed wraps past 2**31 within the words
+    words = fused.random_words(40, torch.tensor(seeds, dtype=torch.int32))
+    assert words.tolist() == [reference_word(i, seeds) for i in range(40)]
+    seeds_tensor = torch.tensor(seeds, dtype=torch.int32)
+    count = 4 * fused.FUSED_MIN_ELEMENTS + 3
+    compiled = fused.random_bytes(count, seeds_tensor)
+    words = (count + 3) // 4
+    assert torch.equal(compiled, fused.random_words(words, seeds_tensor).view(torch.uint8)[:count])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(fused.random_bytes(count, seeds_tensor), compiled)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_random_bytes_are_uniform_and_masks_of_nearby_seeds_are_unrelated():
+    seeds = torch.tensor([1000, 7], dtype=torch.int32)
+    first = fused.random_bytes(1 << 22, seeds)
+    counts = torch.bincount(first.long(), minlength=256).double()
+    expected = first.numel() / 256
+    assert ((counts - expected) ** 2 / expected).sum().item() < 330  # chi-squared, 255 degrees of freedom: p < 0.001
+    # (seed + 1, same second seed) gives the words shifted by one; a new second seed breaks that up
+    for other, shift in (([1001, 7], 0), ([1000, 8], 0), ([1001, 8], 4)):
+        second = fused.random_bytes(1 << 22, torch.tensor(other, dtype=torch.int32))
+        agreement = (first[shift:] < 128).eq(second[:second.numel() - shift] < 128).float().mean().item()
+        assert abs(agreement - 0.5) < 0.002
 
 
 def test_rows_carried_without_drop_keep_every_element_in_the_batch_layout():
