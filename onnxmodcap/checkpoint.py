@@ -81,7 +81,7 @@ class Checkpointer:
 
 
 def device_rng_state(device: torch.device) -> torch.Tensor:
-    """The state of torch's default generator on `device`, which QDrop's masks draw from."""
+    """The state of torch's default generator on `device`, which draws the seeds of QDrop's masks."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 

@@ -20,8 +20,8 @@ comparisons in inductor's CPU code; QDrop's bytes are compared inside torch.wher
 faster than arithmetic on them (docs/benchmarks/reconstruct.md, "QDrop's masks").
 
 Compiled kernels need a C++ compiler. `available()` tries once per process; without one, or on
-other devices, or below FUSED_MIN_ELEMENTS values (where compiling would not pay), the quantizer
-and the mix run op by op.
+other devices, or below FUSED_MIN_ELEMENTS values (RANDOM_BYTES_MIN bytes for the random bytes),
+where compiling would not pay, the quantizer, the mix and the hash run op by op.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .errors import first_line
 log = logging.getLogger(__name__)
 
 FUSED_MIN_ELEMENTS = 1 << 20
+RANDOM_BYTES_MIN = 1 << 16  # from here the compiled hash is as fast as torch's generator, and faster above
 
 
 def quantized_values(x, scale, zero_point, low, high, draws, threshold):
@@ -126,8 +127,8 @@ def available() -> bool:
     else:
         reason = "the compiled kernel disagreed with the op-by-op one"
     if not works:
-        log.warning("torch.compile cannot build CPU kernels here (%s); the activation quantizers run op by op, "
-                    "which makes reconstruction at real resolution slower", reason)
+        log.warning("torch.compile cannot build CPU kernels here (%s); the activation quantizers and QDrop's "
+                    "random bytes run op by op, which makes reconstruction at real resolution slower", reason)
     return works
 
 
@@ -193,10 +194,10 @@ class FusedStraightThroughQuantize(torch.autograd.Function):
 
 
 def random_bytes(count: int, seeds: torch.Tensor) -> torch.Tensor:
-    """`count` random bytes (uint8) from `random_words` on the seeds' device: compiled where the
-    kernels apply, op by op elsewhere, the same bytes either way."""
+    """`count` random bytes (uint8) from `random_words` on the seeds' device: compiled on CPU from
+    RANDOM_BYTES_MIN bytes on, op by op elsewhere, the same bytes either way."""
     words = (count + 3) // 4
-    fast = seeds.device.type == "cpu" and count >= FUSED_MIN_ELEMENTS and available()
+    fast = seeds.device.type == "cpu" and count >= RANDOM_BYTES_MIN and available()
     return (compiled(random_words) if fast else random_words)(words, seeds).view(torch.uint8)[:count]
 
 

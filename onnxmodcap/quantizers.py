@@ -145,10 +145,10 @@ class KeepMask:
 def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
     """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). The random bytes
     come from a counter-based hash (`fused.random_bytes`) seeded by two draws of torch's
-    generator: torch's own generator runs on one thread, and its bytes were the largest cost of a
+    generator on `like`'s device: torch's own generator runs on one thread, and its bytes were the largest cost of a
     QDrop iteration after the convolutions (docs/benchmarks/reconstruct.md, "QDrop's masks")."""
     count = like.numel()
-    seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int64).to(device=like.device, dtype=torch.int32)
+    seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=like.device)
     threshold = min(255, max(1, round(keep_prob * 256)))
     random_bytes = fused.random_bytes(count, seeds)
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):

@@ -83,21 +83,14 @@ def reference_word(index: int, seeds: tuple[int, int]) -> int:
     return word - (1 << 32) if word >> 31 else word
 
 
-def test_random_words_are_the_hash_of_their_index_compiled_or_not():
+@pytest.mark.parametrize("count", [fused.RANDOM_BYTES_MIN + 1, 4 * fused.FUSED_MIN_ELEMENTS + 3])
+def test_random_bytes_are_the_hash_of_their_index_compiled_or_not(count):
     seeds = (2**31 - 3, -5)  # the first seed wraps past 2**31 within the words
-    words = fused.random_words(40, torch.tensor(seeds, dtype=torch.int32))
-    assert words.tolist() == [reference_word(i, seeds) for i in range(40)]
     seeds_tensor = torch.tensor(seeds, dtype=torch.int32)
-    count = 4 * fused.FUSED_MIN_ELEMENTS + 3
-    compiled = fused.random_bytes(count, seeds_tensor)
-    words = (count + 3) // 4
-    assert torch.equal(compiled, fused.random_words(words, seeds_tensor).view(torch.uint8)[:count])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(fused.random_bytes(count, seeds_tensor), compiled)
-    finally:
-        torch.set_num_threads(threads)
+    assert fused.random_words(40, seeds_tensor).tolist() == [reference_word(i, seeds) for i in range(40)]
+    assert fused.available()
+    op_by_op = fused.random_words((count + 3) // 4, seeds_tensor).view(torch.uint8)[:count]
+    assert torch.equal(fused.random_bytes(count, seeds_tensor), op_by_op)  # compiled at these sizes
 
 
 def test_random_bytes_are_uniform_and_masks_of_nearby_seeds_are_unrelated():
@@ -144,7 +137,7 @@ def test_without_a_compiler_the_quantizers_run_op_by_op_and_say_so(monkeypatch, 
         assert type(out.grad_fn).__name__ == "StraightThroughQuantizeBackward"
         assert [record.getMessage() for record in caplog.records] == [
             "torch.compile cannot build CPU kernels here (RuntimeError: Compiler: cc is not found); the activation "
-            "quantizers run op by op, which makes reconstruction at real resolution slower"]
+            "quantizers and QDrop's random bytes run op by op, which makes reconstruction at real resolution slower"]
     finally:
         fused.available.cache_clear()
 
