@@ -144,9 +144,9 @@ class KeepMask:
 
 def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
     """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). The random bytes
-    come from a counter-based hash (`fused.random_bytes`) seeded by two draws of torch's
-    generator on `like`'s device: torch's own generator runs on one thread, and its bytes were the largest cost of a
-    QDrop iteration after the convolutions (docs/benchmarks/reconstruct.md, "QDrop's masks")."""
+    come from a counter-based hash (`fused.random_bytes`) seeded by two draws of torch's generator
+    on `like`'s device: torch's own generator fills bytes on one thread, and at 240x240 that was a
+    sixth of a QDrop iteration (docs/benchmarks/reconstruct.md, "QDrop's masks")."""
     count = like.numel()
     seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=like.device)
     threshold = min(255, max(1, round(keep_prob * 256)))
