@@ -36,7 +36,7 @@ from .errors import first_line
 log = logging.getLogger(__name__)
 
 FUSED_MIN_ELEMENTS = 1 << 20
-RANDOM_BYTES_MIN = 1 << 16  # from here the compiled hash is as fast as torch's generator, and faster above
+RANDOM_BYTES_MIN = 1 << 16  # from here the compiled hash is faster than the op-by-op one
 
 
 def quantized_values(x, scale, zero_point, low, high, draws, threshold):

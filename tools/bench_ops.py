@@ -4,6 +4,7 @@ after 5 warm-up calls, unless said below):
     OMP_NUM_THREADS=1 python tools/bench_ops.py           # 28x28 sizes: docs/benchmarks/shipped_models.md, "Reconstruction iteration cost"
     OMP_NUM_THREADS=1 python tools/bench_ops.py --real    # 224x224 sizes: docs/benchmarks/reconstruct.md
     python tools/bench_ops.py --fused                     # compiled quantizer kernels, 2 threads: the same document
+    python tools/bench_ops.py --masks                     # QDrop's random bytes, 2 threads: the same document
 
 --fused times each operation once per round, the operations taking turns, and prints the median
 of 15 rounds: on a shared machine the memory bandwidth these passes need changes from minute to
@@ -120,7 +121,7 @@ def compiled_kernels() -> None:
             lambda: fused.compiled(fused.input_gradient)(grad, values, scale, zero_point, low, high, draws, threshold),
         "(x < 1) as uint8, op by op": lambda: (values < 1).to(torch.uint8),
         "(x < 1) as uint8, compiled": lambda: below_one(values),
-        "keep mask from torch's generator (keep_mask: random bytes)": lambda: keep_mask(x, 0.5),
+        "keep mask (keep_mask: random bytes from fused.random_bytes)": lambda: keep_mask(x, 0.5),
         "keep mask as booleans (KeepMask.boolean)": keep.boolean,
         "QDrop's mix, op by op (lerp with the mask as floats)": lambda: torch.lerp(other, x, boolean.to(x.dtype)),
         "QDrop's mix, compiled (fused.mixed)": lambda: fused.mixed(other, x, keep),
@@ -132,6 +133,28 @@ def compiled_kernels() -> None:
         for name, median in medians_in_turn(timings).items():
             print(f"  {name}: {median:.1f} ms")
 
+
+def mask_bytes() -> None:
+    """QDrop's random bytes from torch's generator (keep_mask before 1853faf) against the hash of
+    fused.random_words, compiled and op by op, medians of 51 rounds in turn."""
+    torch.set_num_threads(2)
+    seeds = torch.tensor([12345, -678], dtype=torch.int32)
+    fused.available()
+    for count in (1 << 16, 1 << 18, 1 << 20, 32 * 32 * 120 * 120):
+        words = (count + 3) // 4
+        timings = {
+            "torch's generator": lambda: torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), dtype=torch.int64),
+            "hash, compiled": lambda: fused.compiled(fused.random_words)(words, seeds),
+            "hash, op by op": lambda: fused.random_words(words, seeds),
+        }
+        with retained_memory():
+            medians = medians_in_turn(timings, rounds=51)
+        print(f"  {count} bytes: " + ", ".join(f"{name} {median:.3f} ms" for name, median in medians.items()))
+
+
+if "--masks" in sys.argv:
+    mask_bytes()
+    sys.exit()
 
 if "--fused" in sys.argv:
     compiled_kernels()
