@@ -7,10 +7,13 @@ a unit's activation holds tens of millions of values, every pass is memory-bound
 cost more than the unit's convolutions (docs/benchmarks/reconstruct.md, "Fused quantizer kernels").
 torch.compile turns each direction into one loop: the forward pass reads x and QDrop's random
 bytes and writes the output; the backward pass reads the incoming gradient, x and the bytes and
-writes the gradient to x, or sums the step size's gradient. QDrop's mix of a unit's quantized and
-float inputs is one loop too. Each loop compares QDrop's random byte with the mask's threshold as
-it reads it (`quantizers.KeepMask`). The random bytes are a hash of each word's index
-(`random_words`), so one loop writes them on every thread.
+writes the gradient to x, or sums the step size's gradient. A unit's input in a QDrop step is one
+loop too: it reads the picked rows of the cached quantized and float inputs and writes the mix with
+the kept elements quantized (`FusedMixedInputQuantize`; where the unit's input quantizer cannot take
+part, `mixed` writes the mix alone). Each loop compares QDrop's random byte with the mask's
+threshold as it reads it (`quantizers.KeepMask`). The random bytes are a hash of each word's index
+(`random_words`), so one loop writes them on every thread, and the input loop computes each byte
+where it needs it instead of reading a mask.
 
 The kernels compute what the op-by-op quantizer computes, with the same float32 operations (divide,
 round half to even, clamp, multiply; where QDrop drops an element, x itself), so for finite values
@@ -74,6 +77,34 @@ def step_size_gradient(grad, x, scale, zero_point, low, high, draws, threshold):
     return torch.sum(torch.where(draws < threshold, grad * slope, 0.0))
 
 
+def random_bytes_at(index, seeds):
+    """Byte `index` of random_bytes(count, seeds): byte index % 4, little-endian, of word index // 4."""
+    words = lowbias32(lowbias32((index >> 2).to(torch.int32) + seeds[0]) ^ seeds[1])
+    return shifted_right(words, (index & 3).to(torch.int32) * 8) & 255
+
+
+def row_positions(rows, row_length, device):
+    """The index in memory order of each element of a batch of `rows` rows of `row_length` values."""
+    return (torch.arange(rows, device=device)[:, None] * row_length
+            + torch.arange(row_length, device=device)[None, :])
+
+
+def mixed_input_values(quantized_rows, float_rows, picks, scale, zero_point, low, high, seeds, threshold):
+    """A unit's input for one QDrop step from the cached inputs (one image per row, in memory order):
+    rows `picks`, each element quantized_values of the quantized model's input where its random
+    byte (random_bytes_at its position in the batch) is below the threshold, the float model's input
+    elsewhere."""
+    draws = random_bytes_at(row_positions(picks.shape[0], quantized_rows.shape[1], picks.device), seeds)
+    quantized = quantized_values(quantized_rows[picks], scale, zero_point, low, high, None, None)
+    return torch.where(draws < threshold, quantized, float_rows[picks])
+
+
+def mixed_input_step_gradient(grad, quantized_rows, picks, scale, zero_point, low, high, seeds, threshold):
+    """step_size_gradient of mixed_input_values: the float model's elements do not depend on the step size."""
+    draws = random_bytes_at(row_positions(picks.shape[0], quantized_rows.shape[1], picks.device), seeds)
+    return step_size_gradient(grad, quantized_rows[picks], scale, zero_point, low, high, draws, threshold)
+
+
 def mixed_values(dropped, kept, draws, threshold):
     """kept where QDrop keeps the element, dropped elsewhere."""
     return torch.where(draws < threshold, kept, dropped)
@@ -118,10 +149,16 @@ def available() -> bool:
               for drops in ((None, None), mask)]
     cases.append((mixed_values, (x, -x, *mask)))
     seeds = torch.tensor([12345, -678], dtype=torch.int32)
+    rows, picks = x.view(4, 16), torch.tensor([3, 0, 3])
+    cases += [(mixed_input_values, (rows, -rows, picks, *grid, seeds, mask[1])),
+              (mixed_input_step_gradient, (x[:48].view(3, 16), rows, picks, *grid, seeds, mask[1]))]
     try:
         works = all(torch.allclose(compiled(kernel)(*inputs), kernel(*inputs), rtol=1e-5, atol=0)
                     for kernel, inputs in cases)
         works = works and torch.equal(compiled(random_words)(64, seeds), random_words(64, seeds))
+        # the bytes of a mixed input are those of random_bytes (little-endian words)
+        works = works and torch.equal(random_bytes_at(torch.arange(64), seeds).to(torch.uint8),
+                                      random_bytes(64, seeds))
     except Exception as err:  # noqa: BLE001 - whatever stops compilation, the op-by-op quantizer runs
         works, reason = False, f"{type(err).__name__}: {first_line(err)}"
     else:
@@ -205,3 +242,38 @@ def mixed(dropped: torch.Tensor, kept: torch.Tensor, keep) -> torch.Tensor:
     """quantizers.mixed in one compiled loop, for tensors `applies` accepts (both in one layout)."""
     return shaped(compiled(mixed_values)(flat(dropped), flat(kept), *mask_operands(keep)), kept.shape,
                   not kept.is_contiguous())
+
+
+def rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t's memory as one row per image (first dimension), for contiguous and channels-last tensors."""
+    values = flat(t)
+    return None if values is None else values.view(len(t), -1)
+
+
+class FusedMixedInputQuantize(torch.autograd.Function):
+    """A unit's QDrop input in one compiled loop: the rows a step picks from the cached quantized
+    and float inputs, mixed and quantized as `reconstruct` would mix them and the unit's input
+    quantizer would then quantize the kept elements, without writing the picked rows, the mix or
+    the random bytes. The cached inputs need no gradient; a learned step size gets LSQ's."""
+
+    @staticmethod
+    def forward(ctx, quantized, floats, picks, scale, zero_point, low, high, gradient_scale: float, seeds,
+                threshold):
+        quantized_rows, float_rows = rows(quantized), rows(floats)
+        ctx.save_for_backward(quantized_rows, picks, scale, zero_point, low, high, seeds, threshold)
+        ctx.gradient_scale, ctx.channels_last = gradient_scale, not quantized.is_contiguous()
+        ctx.shape = (len(picks), *quantized.shape[1:])
+        values = compiled(mixed_input_values)(quantized_rows, float_rows, picks, scale, zero_point, low, high, seeds,
+                                              threshold)
+        return shaped(values, ctx.shape, ctx.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        quantized_rows, picks, scale, zero_point, low, high, seeds, threshold = ctx.saved_tensors
+        grad_scale = None
+        if ctx.needs_input_grad[3]:
+            layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+            grad_rows = rows(grad.contiguous(memory_format=layout))
+            grad_scale = compiled(mixed_input_step_gradient)(grad_rows, quantized_rows, picks, scale, zero_point, low,
+                                                             high, seeds, threshold) * ctx.gradient_scale
+        return None, None, None, grad_scale, None, None, None, None, None, None

@@ -147,6 +147,12 @@ class UnitMirror(nn.Module):
         keys = [self.quantizer_keys.get(name) for name in self.unit.inputs]
         return [self.activation_quantizers[key] if key in self.activation_quantizers else None for key in keys]
 
+    def reads_float_value(self, name: str) -> bool:
+        """Whether the unit reads tensor `name` unquantized too: a layer kept in float reads it, or
+        the unit gives it out."""
+        return name in self.unit.outputs or any(call.name in self.float_layers and name in input_names
+                                                for call, input_names, _ in self.calls)
+
     def quantized_weights(self) -> list[tuple[torch.Tensor, nn.Module]]:
         """(weight, its quantizer) for every quantized weight this unit reads."""
         return [(self.constant(name), self.weight_quantizers[key]) for name, key in self.quantizer_keys.items()

@@ -142,14 +142,24 @@ class KeepMask:
         return KeepMask(torch.cat((self.draws, torch.zeros_like(self.draws[:rows]))), self.threshold)
 
 
+def keep_seeds(device: torch.device) -> torch.Tensor:
+    """The two int32 seeds of one mask's random bytes, drawn from torch's generator on `device`."""
+    return torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=device)
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """The byte threshold below which an element is kept: keep_prob in 256ths, 1 to 255."""
+    return min(255, max(1, round(keep_prob * 256)))
+
+
 def keep_mask(like: torch.Tensor, keep_prob: float) -> KeepMask:
     """Each element of `like` kept with probability `keep_prob` (in steps of 1/256). The random bytes
     come from a counter-based hash (`fused.random_bytes`) seeded by two draws of torch's generator
     on `like`'s device: torch's own generator fills bytes on one thread, and at 240x240 that was a
     sixth of a QDrop iteration (docs/benchmarks/reconstruct.md, "QDrop's masks")."""
     count = like.numel()
-    seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=like.device)
-    threshold = min(255, max(1, round(keep_prob * 256)))
+    seeds = keep_seeds(like.device)
+    threshold = keep_threshold(keep_prob)
     random_bytes = fused.random_bytes(count, seeds)
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
         # in the layout of `like`: an elementwise op over tensors of two layouts is several times slower
@@ -259,6 +269,25 @@ class Quantizer(nn.Module):
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
             return AdaRoundWeight.apply(self.alpha, self.soft_rounding, scale, zero_point, self.grid)
         return (self.integer_values(x, scale, zero_point) - zero_point) * scale
+
+    def mixed_input(self, quantized: torch.Tensor, floats: torch.Tensor, picks: torch.Tensor) -> torch.Tensor | None:
+        """The QDrop step's input of a unit that this quantizer's tensor enters, in one compiled loop
+        (fused.FusedMixedInputQuantize): rows `picks` of the cached quantized and float inputs, mixed
+        under a fresh mask and the kept elements quantized, as the unit's forward would quantize the
+        mix under that shared mask. None where the kernel does not take these tensors (nothing drawn
+        then): the caller mixes and the unit quantizes."""
+        if not (self.enabled and self.straight_through and self.drop_prob and self.alpha is None and self.axis is None
+                and quantized.device.type == floats.device.type == "cpu"
+                and quantized.dtype == floats.dtype == torch.float32 and quantized.stride() == floats.stride()
+                and len(picks) * quantized[0].numel() >= fused.FUSED_MIN_ELEMENTS
+                and fused.rows(quantized) is not None and fused.available()):
+            return None
+        low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
+        threshold = torch.tensor(float(keep_threshold(1.0 - self.drop_prob)))
+        gradient_scale = 1.0 / math.sqrt(quantized[0].numel() * self.grid.qmax)
+        return fused.FusedMixedInputQuantize.apply(quantized, floats, picks, self.scale.reshape(()),
+                                                   self.zero_point.reshape(()), low, high, gradient_scale,
+                                                   keep_seeds(quantized.device), threshold)
 
     def kept_elements(self, x: torch.Tensor) -> KeepMask | None:
         """QDrop's mask of the elements that stay quantized in this forward, None without drop."""

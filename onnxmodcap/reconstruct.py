@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import Checkpointer, set_device_rng_state
 from .losses import measure_loss, output_error, prediction_difference
-from .mirror import NetworkMirror, UnitMirror, as_tuple
+from .mirror import NetworkMirror, UnitMirror, as_tuple, switched
 from .pdquant import FloatPredictions, FloatRest, Prediction, float_predictions, prediction_data
 from .progress import predicted_seconds_bar, progress_bar
 from .quantizers import KeepMask, QuantizerSet, keep_mask, mixed
@@ -266,18 +266,10 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
                   generator: torch.Generator, weights: list, beta: float | None, predicts: bool) -> torch.Tensor:
     count = len(data.quantized_inputs[0])
     picks = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
-    quantized = [t[picks].to(device) for t in data.quantized_inputs]
-    batch, keeps = quantized, [None] * len(quantized)
-    if settings.drops:
-        keeps = [keep_mask(q, 1.0 - drop_probability(settings, unit.unit.group_size)) for q in quantized]
-        batch = [q if f is held else mixed(f[picks].to(device), q, keep)
-                 for q, held, f, keep in zip(quantized, data.quantized_inputs, data.float_inputs, keeps)]
     # PD-Quant: the first images of the batch once more, without drop, to carry on to the logits
     carried = picks[:settings.pd_batch_size or len(picks)] if predicts else picks[:0]
-    if len(carried):
-        batch = [torch.cat((b, q[:len(carried)])) for b, q in zip(batch, quantized)]
-        keeps = [None if k is None else k.keeping_all_of(len(carried)) for k in keeps]
-    with input_drop_masks(unit, keeps):
+    batch, keeps, quantized_already = step_inputs(unit, data, settings, device, picks, len(carried))
+    with input_drop_masks(unit, keeps), switched(quantized_already, "enabled", False):
         outputs = as_tuple(unit(*batch))
     # cut only where rows were carried: a slice's backward fills a zero tensor and copies into it
     trained = tuple(o[:len(picks)] for o in outputs) if len(carried) else outputs
@@ -291,6 +283,38 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
     if beta is not None:
         loss = loss + settings.round_lambda * sum(q.rounding_loss(beta) for q in weights)
     return loss
+
+
+def step_inputs(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
+                picks: torch.Tensor, carried: int) -> tuple[list[torch.Tensor], list[KeepMask | None], list]:
+    """The unit's inputs for one step (rows `picks`, then `carried` rows of the quantized input
+    again, unmixed), QDrop's mask of each (None: no drop), and the input quantizers whose work is
+    already done in them. On CPU at real resolution, picking, mixing and quantizing an input is one
+    compiled loop (`Quantizer.mixed_input`), which gives what the unit's input quantizer computes on
+    the mix under the shared mask, without writing the picked rows, the mix or the mask."""
+    if not settings.drops:
+        quantized = [t[picks].to(device) for t in data.quantized_inputs]
+        return [torch.cat((q, q[:carried])) for q in quantized] if carried else quantized, [None] * len(quantized), []
+    keep_prob = 1.0 - drop_probability(settings, unit.unit.group_size)
+    batch, keeps, quantized_already = [], [], []
+    for name, held, floats, quantizer in zip(unit.unit.inputs, data.quantized_inputs, data.float_inputs,
+                                             unit.input_quantizers()):
+        if (not carried and quantizer is not None and device.type == "cpu" and not unit.reads_float_value(name)
+                and isinstance(held.data, torch.Tensor) and isinstance(floats.data, torch.Tensor)):
+            value = quantizer.mixed_input(held.data, floats.data, picks)
+            if value is not None:
+                batch.append(value)
+                keeps.append(None)
+                quantized_already.append(quantizer)
+                continue
+        quantized = held[picks].to(device)
+        keep = keep_mask(quantized, keep_prob)
+        value = quantized if floats is held else mixed(floats[picks].to(device), quantized, keep)
+        if carried:
+            value, keep = torch.cat((value, quantized[:carried])), keep.keeping_all_of(carried)
+        batch.append(value)
+        keeps.append(keep)
+    return batch, keeps, quantized_already
 
 
 @contextmanager

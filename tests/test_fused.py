@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from onnxmodcap import fused
-from onnxmodcap.quantizers import Grid, Quantizer, StraightThroughQuantize, keep_mask, mixed
+from onnxmodcap.quantizers import Grid, Quantizer, StraightThroughQuantize, fake_quantize, keep_mask, mixed
+from onnxmodcap.tensor_cache import gather_rows
 
 SHAPE = (8, 32, 64, 64)  # 2^20 values: the smallest size fused.FUSED_MIN_ELEMENTS takes
 
@@ -71,6 +72,42 @@ def test_compiled_qdrop_mix_takes_exactly_the_kept_elements(layout):
     assert mix.stride() == kept.stride()
     assert torch.equal(mix, torch.where(keep.boolean(), kept, dropped))
     assert 0.29 < keep.boolean().float().mean().item() < 0.31
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_a_units_input_picked_mixed_and_quantized_in_one_loop_is_the_quantized_mix(layout):
+    """What Quantizer.mixed_input gives is what a step computed before it: the picked rows of the
+    quantized and float inputs mixed under a mask, then quantized by the input quantizer sharing
+    that mask; the step size gets the same gradient."""
+    torch.manual_seed(0)
+    quantizer = activation_quantizer(Grid.asymmetric(4), 0.5, learned=True)
+    quantized, floats = ((torch.randn(12, 32, 64, 64) * 0.4).contiguous(memory_format=layout) for _ in range(2))
+    picks = torch.tensor([7, 0, 11, 7, 3, 5, 2, 9])  # 8 rows: 2^20 values
+    upstream = torch.randn(8, 32, 64, 64).contiguous(memory_format=layout)
+
+    torch.manual_seed(1)
+    quantizer.scale.grad = None
+    fused_input = quantizer.mixed_input(quantized, floats, picks)
+    fused_input.backward(upstream)
+    fused_grad = quantizer.scale.grad.clone()
+
+    torch.manual_seed(1)
+    quantizer.scale.grad = None
+    kept = gather_rows(quantized, picks)
+    keep = keep_mask(kept, 0.5)
+    quantizer.shared_keep = keep
+    stepwise = quantizer(mixed(gather_rows(floats, picks), kept, keep))
+    stepwise.backward(upstream)
+
+    assert type(fused_input.grad_fn).__name__ == "FusedMixedInputQuantizeBackward"
+    assert fused_input.stride() == stepwise.stride()
+    assert torch.equal(fused_input, stepwise)
+    assert fused_grad.item() == pytest.approx(quantizer.scale.grad.item(), rel=1e-4)
+    # kept elements: the quantized input on the grid; dropped ones: the float input
+    kept_mask = keep.boolean()
+    on_grid = fake_quantize(kept, quantizer.scale.detach(), quantizer.zero_point, quantizer.grid)
+    assert torch.equal(fused_input[kept_mask], on_grid[kept_mask])
+    assert torch.equal(fused_input[~kept_mask], gather_rows(floats, picks)[~kept_mask])
 
 
 def reference_word(index: int, seeds: tuple[int, int]) -> int:
@@ -144,8 +181,9 @@ def test_without_a_compiler_the_quantizers_run_op_by_op_and_say_so(monkeypatch, 
 
 def test_a_run_with_every_activation_quantizer_compiled_is_exact_and_repeatable(exported_model, calib, tmp_path, monkeypatch):
     """PD-Quant (QDrop's mix, shared input masks, images carried on without drop) with the compiled
-    kernels on every activation, as on a real-resolution model: the export keeps parity, a second
-    run gives the identical file, and the unit losses end where the op-by-op run's end."""
+    kernels on every activation and unit input, as on a real-resolution model: the export keeps
+    parity, a second run gives the identical file, and the unit losses end where the op-by-op
+    run's end."""
     import onnxmodcap
 
     path, _ = exported_model("resnet18", "legacy")
@@ -161,10 +199,12 @@ def test_a_run_with_every_activation_quantizer_compiled_is_exact_and_repeatable(
         monkeypatch.setattr(node, "apply", lambda *args: calls.update([node.__name__]) or apply(*args))
 
     counted(fused.FusedStraightThroughQuantize)
+    counted(fused.FusedMixedInputQuantize)
     counted(StraightThroughQuantize)
     monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 1)
     first, second = run("a.onnx"), run("b.onnx")
     assert calls["FusedStraightThroughQuantize"] > 0 and calls["StraightThroughQuantize"] == 0
+    assert calls["FusedMixedInputQuantize"] > 0
     monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 1 << 62)
     op_by_op = run("c.onnx")
     assert first.validation.parity_ok
