@@ -1,5 +1,5 @@
-"""The straight-through activation quantizer, QDrop's mix and QDrop's random bytes as compiled CPU
-kernels, for real-resolution tensors.
+"""The straight-through activation quantizer, QDrop's mix, a unit's QDrop input and QDrop's random
+bytes as compiled CPU kernels, for real-resolution tensors.
 
 Run op by op, `quantizers.StraightThroughQuantize` makes five float passes and four boolean ones
 over its tensor in the forward pass and converts its boolean mask in the backward pass. At 224x224
@@ -80,7 +80,7 @@ def step_size_gradient(grad, x, scale, zero_point, low, high, draws, threshold):
 def random_bytes_at(index, seeds):
     """Byte `index` of random_bytes(count, seeds): byte index % 4, little-endian, of word index // 4."""
     words = lowbias32(lowbias32((index >> 2).to(torch.int32) + seeds[0]) ^ seeds[1])
-    return shifted_right(words, (index & 3).to(torch.int32) * 8) & 255
+    return (words >> ((index & 3).to(torch.int32) * 8)) & 255  # the sign bits shifted in are masked off
 
 
 def row_positions(rows, row_length, device):
@@ -149,9 +149,9 @@ def available() -> bool:
               for drops in ((None, None), mask)]
     cases.append((mixed_values, (x, -x, *mask)))
     seeds = torch.tensor([12345, -678], dtype=torch.int32)
-    rows, picks = x.view(4, 16), torch.tensor([3, 0, 3])
-    cases += [(mixed_input_values, (rows, -rows, picks, *grid, seeds, mask[1])),
-              (mixed_input_step_gradient, (x[:48].view(3, 16), rows, picks, *grid, seeds, mask[1]))]
+    cached, picks = x.view(4, 16), torch.tensor([3, 0, 3])
+    cases += [(mixed_input_values, (cached, -cached, picks, *grid, seeds, mask[1])),
+              (mixed_input_step_gradient, (x[:48].view(3, 16), cached, picks, *grid, seeds, mask[1]))]
     try:
         works = all(torch.allclose(compiled(kernel)(*inputs), kernel(*inputs), rtol=1e-5, atol=0)
                     for kernel, inputs in cases)

@@ -259,11 +259,11 @@ class Quantizer(nn.Module):
             return x
         scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         if self.straight_through and self.alpha is None:
-            gradient_scale = 1.0 / math.sqrt(x[0].numel() * self.grid.qmax)
+            gradient_scale = self.step_gradient_scale(x[0].numel())
             keep = self.kept_elements(x)
             if self.axis is None and fused.applies(x, keep):
-                low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
-                return fused.FusedStraightThroughQuantize.apply(x, scale, zero_point, low, high, gradient_scale, keep)
+                return fused.FusedStraightThroughQuantize.apply(x, scale, zero_point, *self.grid_bounds(),
+                                                                gradient_scale, keep)
             return StraightThroughQuantize.apply(x, scale, zero_point, self.grid, gradient_scale,
                                                  None if keep is None else keep.boolean())
         if self.soft_rounding is not None:  # x is the weight start_adaround was given
@@ -282,12 +282,19 @@ class Quantizer(nn.Module):
                 and len(picks) * quantized[0].numel() >= fused.FUSED_MIN_ELEMENTS
                 and fused.rows(quantized) is not None and fused.available()):
             return None
-        low, high = (torch.tensor(float(bound)) for bound in (self.grid.qmin, self.grid.qmax))
         threshold = torch.tensor(float(keep_threshold(1.0 - self.drop_prob)))
-        gradient_scale = 1.0 / math.sqrt(quantized[0].numel() * self.grid.qmax)
         return fused.FusedMixedInputQuantize.apply(quantized, floats, picks, self.scale.reshape(()),
-                                                   self.zero_point.reshape(()), low, high, gradient_scale,
+                                                   self.zero_point.reshape(()), *self.grid_bounds(),
+                                                   self.step_gradient_scale(quantized[0].numel()),
                                                    keep_seeds(quantized.device), threshold)
+
+    def grid_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """qmin and qmax as the compiled kernels take them."""
+        return torch.tensor(float(self.grid.qmin)), torch.tensor(float(self.grid.qmax))
+
+    def step_gradient_scale(self, values_per_image: int) -> float:
+        """LSQ's scale of the step size's gradient, 1 / sqrt(values per image x qmax)."""
+        return 1.0 / math.sqrt(values_per_image * self.grid.qmax)
 
     def kept_elements(self, x: torch.Tensor) -> KeepMask | None:
         """QDrop's mask of the elements that stay quantized in this forward, None without drop."""

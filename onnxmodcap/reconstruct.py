@@ -30,7 +30,7 @@ from .losses import measure_loss, output_error, prediction_difference
 from .mirror import NetworkMirror, UnitMirror, as_tuple, switched
 from .pdquant import FloatPredictions, FloatRest, Prediction, float_predictions, prediction_data
 from .progress import predicted_seconds_bar, progress_bar
-from .quantizers import KeepMask, QuantizerSet, keep_mask, mixed
+from .quantizers import KeepMask, Quantizer, QuantizerSet, keep_mask, mixed
 from .recipes import ReconstructionSettings, drop_probability, rounding_beta
 from .tensor_cache import DEFAULT_CACHE_BYTES, CachedTensor, TensorCache, TensorStream, UnitData, image_layout
 
@@ -286,7 +286,8 @@ def training_loss(unit: UnitMirror, data: UnitData, settings: ReconstructionSett
 
 
 def step_inputs(unit: UnitMirror, data: UnitData, settings: ReconstructionSettings, device: torch.device,
-                picks: torch.Tensor, carried: int) -> tuple[list[torch.Tensor], list[KeepMask | None], list]:
+                picks: torch.Tensor, carried: int
+                ) -> tuple[list[torch.Tensor], list[KeepMask | None], list[Quantizer]]:
     """The unit's inputs for one step (rows `picks`, then `carried` rows of the quantized input
     again, unmixed), QDrop's mask of each (None: no drop), and the input quantizers whose work is
     already done in them. On CPU at real resolution, picking, mixing and quantizing an input is one
@@ -323,7 +324,7 @@ def input_drop_masks(unit: UnitMirror, keeps: list[KeepMask | None]):
     quantized model's input or the float model's input. The input arrives already mixed (`keeps` keeps
     the elements that took the quantized model's value), so each input's quantizer must quantize exactly
     those elements; with a mask of its own it would also pass unquantized quantized-model values and
-    quantize float-model ones."""
+    quantize float-model ones. An input that `step_inputs` quantized already has no mask (None)."""
     shared = [(quantizer, keep) for quantizer, keep in zip(unit.input_quantizers(), keeps) if quantizer is not None]
     for quantizer, keep in shared:
         quantizer.shared_keep = keep

@@ -211,3 +211,27 @@ def test_a_run_with_every_activation_quantizer_compiled_is_exact_and_repeatable(
     assert first.output.read_bytes() == second.output.read_bytes()
     losses = [[unit.loss_after for unit in result.report.reconstruction.units] for result in (first, op_by_op)]
     assert losses[0] == pytest.approx(losses[1], rel=0.1)
+
+
+def test_unit_inputs_in_one_loop_write_the_file_of_the_separate_passes(exported_model, calib, tmp_path, monkeypatch):
+    """QDrop at W4A8 (no step size learned) with every unit input picked, mixed and quantized in
+    one loop writes the very file that gathering, mixing and quantizing in separate passes writes:
+    the same inputs, masks and generator draws."""
+    import onnxmodcap
+
+    path, _ = exported_model("resnet18", "legacy")
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 1)
+    calls = Counter()
+    apply = fused.FusedMixedInputQuantize.apply
+    monkeypatch.setattr(fused.FusedMixedInputQuantize, "apply",
+                        lambda *args: calls.update(["loop"]) or apply(*args))
+
+    def run(name):
+        return onnxmodcap.quantize(path, calib, wbits=4, abits=8, method="qdrop", iters=20, num_calib=64, seed=5,
+                                   output=str(tmp_path / name), device="cpu")
+
+    one_loop = run("loop.onnx")
+    assert calls["loop"] > 0
+    monkeypatch.setattr(Quantizer, "mixed_input", lambda self, quantized, floats, picks: None)
+    separate = run("separate.onnx")
+    assert one_loop.output.read_bytes() == separate.output.read_bytes()

@@ -7,8 +7,8 @@ Edits (each scored alone, in a float model written to --work):
 - `--round NODE` (repeatable): the Conv's weights rounded to --bits per output channel (symmetric,
   max-abs scale), nothing else quantized. Prints the weights' own SQNR beside the model's: how much
   the network amplifies a perturbation of that size.
-- `--equalize N`: the first N pairs of a Conv followed by Clip(0, 6) or Relu (and optionally a Pad)
-  that feeds a depthwise Conv are equalised: each channel of the first Conv is scaled up by
+- `--equalize N`: the first N pairs of a Conv followed by Clip(0, bound) or Relu (and optionally a
+  zero Pad) that feeds a depthwise Conv are equalised: each channel of the first Conv is scaled up by
   bound / (headroom x its calibration maximum), between 1 and --cap, and the depthwise Conv's channel
   divided by the same factor. Exact as long as no held-out value exceeds headroom x the calibration
   maximum; the fidelity of the edited float model says how far that holds. With --quantize the
@@ -44,16 +44,27 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def clip_bound(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict) -> float | None:
-    """The upper bound of a Clip (None for Relu)."""
-    if node.op_type == "Relu":
+def constant_input(node: onnx.NodeProto, index: int, graph: onnx.GraphProto, initializers: dict) -> float | None:
+    """Input `index` of `node` where it is an initializer or a Constant node's scalar, else None."""
+    if len(node.input) <= index or not node.input[index]:
         return None
-    if len(node.input) > 2 and node.input[2] in initializers:
-        return float(numpy_helper.to_array(initializers[node.input[2]]))
-    producer = next((n for n in graph.node if len(node.input) > 2 and node.input[2] in n.output), None)
+    name = node.input[index]
+    if name in initializers:
+        return float(numpy_helper.to_array(initializers[name]))
+    producer = next((n for n in graph.node if name in n.output), None)
     if producer is not None and producer.op_type == "Constant":
         return float(numpy_helper.to_array(producer.attribute[0].t))
-    return attribute(node, "max")
+    return None
+
+
+def positive_bound(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict) -> tuple[bool, float | None]:
+    """Whether `node` is Relu or a Clip from 0, and its upper bound (None for Relu)."""
+    if node.op_type == "Relu":
+        return True, None
+    low = constant_input(node, 1, graph, initializers)
+    low = attribute(node, "min") if low is None else low
+    high = constant_input(node, 2, graph, initializers)
+    return low == 0, attribute(node, "max") if high is None else high
 
 
 def depthwise_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
@@ -67,9 +78,11 @@ def depthwise_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.N
         activation = readers.get(first.output[0], [])
         if len(activation) != 1 or activation[0].op_type not in ("Clip", "Relu"):
             continue
+        if not positive_bound(activation[0], graph, initializers)[0]:
+            continue
         after = readers.get(activation[0].output[0], [])
-        if len(after) == 1 and after[0].op_type == "Pad":
-            after = readers.get(after[0].output[0], [])
+        if len(after) == 1 and after[0].op_type == "Pad" and not constant_input(after[0], 2, graph, initializers):
+            after = readers.get(after[0].output[0], [])  # zero padding scales with the channel
         if len(after) != 1 or after[0].op_type != "Conv" or after[0].input[1] not in initializers:
             continue
         weight = numpy_helper.to_array(initializers[after[0].input[1]])
@@ -102,15 +115,14 @@ def array(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
 
 
-def equalized(model: onnx.ModelProto, count: int, calib: np.ndarray, headroom: float, cap: float) -> onnx.ModelProto:
-    pairs = depthwise_pairs(model)[:count]
+def equalized(model: onnx.ModelProto, pairs: list, calib: np.ndarray, headroom: float, cap: float) -> onnx.ModelProto:
     maxima = channel_maxima(model, [activation.output[0] for _, activation, _ in pairs], calib)
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
     initializers = {i.name: i for i in model.graph.initializer}
     for first, activation, depthwise in pairs:
         high = maxima[activation.output[0]]
-        bound = clip_bound(activation, model.graph, initializers)
+        bound = positive_bound(activation, model.graph, initializers)[1]
         bound = high.max() if bound is None else bound
         scale = np.where(high > 0, np.clip(bound / (headroom * np.maximum(high, 1e-12)), 1.0, cap), 1.0)
         set_initializer(edited, first.input[1], array(model, first.input[1]) * scale[:, None, None, None])
@@ -145,15 +157,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/real_bench"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/float_edits"))
     parser.add_argument("--round", action="append", default=[], metavar="NODE")
-    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="weight bits; --quantize: W and A")
     parser.add_argument("--equalize", type=int, default=0, metavar="N")
     parser.add_argument("--headroom", type=float, default=1.5)
     parser.add_argument("--cap", type=float, default=8.0)
     parser.add_argument("--quantize", action="store_true")
     args = parser.parse_args()
 
+    if args.quantize and not args.equalize:
+        parser.error("--quantize compares an equalised model with the unedited one: give --equalize N")
     spec = bench.MODELS[args.model]
     model = onnx.load(args.models / spec.file)
+    unknown = sorted(set(args.round) - {node.name for node in model.graph.node})
+    if unknown:
+        parser.error(f"no node called {', '.join(unknown)} in {spec.file}")
     calib = np.load(args.out / args.model / "calib.npy")
     args.work.mkdir(parents=True, exist_ok=True)
     for index, node in enumerate(args.round):
@@ -162,16 +179,20 @@ def main() -> None:
         print(f"{node} rounded: {bench.score_file(args, args.model, path)}", flush=True)
     if not args.equalize:
         return
+    pairs = depthwise_pairs(model)[:args.equalize]
     path = args.work / "equalized.onnx"
-    onnx.save(equalized(model, args.equalize, calib, args.headroom, args.cap), path)
-    print(f"{args.equalize} pairs equalised: {bench.score_file(args, args.model, path)}", flush=True)
+    onnx.save(equalized(model, pairs, calib, args.headroom, args.cap), path)
+    label = f"{len(pairs)} pairs equalised"
+    print(f"{label}: {bench.score_file(args, args.model, path)}", flush=True)
     if args.quantize:
-        for label, source in (("unedited", args.models / spec.file), (f"{args.equalize} pairs equalised", path)):
+        for label, source in (("unedited", args.models / spec.file), (label, path)):
             output = args.work / f"{source.stem}.rtn.onnx"
             command = bench.quantize_command(args.model, f"w{args.bits}a{args.bits}", "rtn", args.models, args.out,
                                              output)
             command[command.index(str(args.models / spec.file))] = str(source)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode:
+                raise SystemExit(f"quantize failed on {source}:\n{done.stderr[-2000:]}")
             print(f"{label}, RTN W{args.bits}A{args.bits}: {bench.score_file(args, args.model, output)}", flush=True)
 
 
