@@ -298,19 +298,20 @@ def step_inputs(unit: UnitMirror, data: UnitData, settings: ReconstructionSettin
         return [torch.cat((q, q[:carried])) for q in quantized] if carried else quantized, [None] * len(quantized), []
     keep_prob = 1.0 - drop_probability(settings, unit.unit.group_size)
     batch, keeps, quantized_already = [], [], []
-    for name, held, floats, quantizer in zip(unit.unit.inputs, data.quantized_inputs, data.float_inputs,
-                                             unit.input_quantizers()):
+    inputs = zip(unit.unit.inputs, data.quantized_inputs, data.float_inputs, unit.input_quantizers())
+    for name, quantized_cache, float_cache, quantizer in inputs:
         if (not carried and quantizer is not None and device.type == "cpu" and not unit.reads_float_value(name)
-                and isinstance(held.data, torch.Tensor) and isinstance(floats.data, torch.Tensor)):
-            value = quantizer.mixed_input(held.data, floats.data, picks)
+                and isinstance(quantized_cache.data, torch.Tensor)
+                and isinstance(float_cache.data, torch.Tensor)):
+            value = quantizer.mixed_input(quantized_cache.data, float_cache.data, picks)
             if value is not None:
                 batch.append(value)
                 keeps.append(None)
                 quantized_already.append(quantizer)
                 continue
-        quantized = held[picks].to(device)
+        quantized = quantized_cache[picks].to(device)
         keep = keep_mask(quantized, keep_prob)
-        value = quantized if floats is held else mixed(floats[picks].to(device), quantized, keep)
+        value = quantized if float_cache is quantized_cache else mixed(float_cache[picks].to(device), quantized, keep)
         if carried:
             value, keep = torch.cat((value, quantized[:carried])), keep.keeping_all_of(carried)
         batch.append(value)
