@@ -83,25 +83,26 @@ def random_bytes_at(index, seeds):
     return (words >> ((index & 3).to(torch.int32) * 8)) & 255  # the sign bits shifted in are masked off
 
 
-def row_positions(rows, row_length, device):
-    """The index in memory order of each element of a batch of `rows` rows of `row_length` values."""
-    return (torch.arange(rows, device=device)[:, None] * row_length
-            + torch.arange(row_length, device=device)[None, :])
+def batch_draws(picks, row_length, seeds):
+    """The random byte of each element of a batch of len(picks) rows of `row_length` values:
+    random_bytes_at its index in the batch's memory order."""
+    positions = (torch.arange(picks.shape[0], device=picks.device)[:, None] * row_length
+                 + torch.arange(row_length, device=picks.device)[None, :])
+    return random_bytes_at(positions, seeds)
 
 
 def mixed_input_values(quantized_rows, float_rows, picks, scale, zero_point, low, high, seeds, threshold):
     """A unit's input for one QDrop step from the cached inputs (one image per row, in memory order):
     rows `picks`, each element quantized_values of the quantized model's input where its random
-    byte (random_bytes_at its position in the batch) is below the threshold, the float model's input
-    elsewhere."""
-    draws = random_bytes_at(row_positions(picks.shape[0], quantized_rows.shape[1], picks.device), seeds)
+    byte (`batch_draws`) is below the threshold, the float model's input elsewhere."""
+    draws = batch_draws(picks, quantized_rows.shape[1], seeds)
     quantized = quantized_values(quantized_rows[picks], scale, zero_point, low, high, None, None)
     return torch.where(draws < threshold, quantized, float_rows[picks])
 
 
 def mixed_input_step_gradient(grad, quantized_rows, picks, scale, zero_point, low, high, seeds, threshold):
     """step_size_gradient of mixed_input_values: the float model's elements do not depend on the step size."""
-    draws = random_bytes_at(row_positions(picks.shape[0], quantized_rows.shape[1], picks.device), seeds)
+    draws = batch_draws(picks, quantized_rows.shape[1], seeds)
     return step_size_gradient(grad, quantized_rows[picks], scale, zero_point, low, high, draws, threshold)
 
 
@@ -184,6 +185,14 @@ def applies(x: torch.Tensor, keep) -> bool:
             and flat(x) is not None
             and (keep is None or (keep.draws.shape, keep.draws.stride()) == (x.shape, x.stride()))
             and available())
+
+
+def applies_to_rows(quantized: torch.Tensor, floats: torch.Tensor, picked: int) -> bool:
+    """Whether FusedMixedInputQuantize takes `picked` rows of these cached inputs: `applies`'s rule
+    for the batch it writes, both caches in one layout."""
+    return (quantized.device.type == floats.device.type == "cpu" and quantized.dtype == floats.dtype == torch.float32
+            and quantized.stride() == floats.stride() and picked * quantized[0].numel() >= FUSED_MIN_ELEMENTS
+            and rows(quantized) is not None and available())
 
 
 def mask_operands(keep) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -277,10 +277,7 @@ class Quantizer(nn.Module):
         mix under that shared mask. None where the kernel does not take these tensors (nothing drawn
         then): the caller mixes and the unit quantizes."""
         if not (self.enabled and self.straight_through and self.drop_prob and self.alpha is None and self.axis is None
-                and quantized.device.type == floats.device.type == "cpu"
-                and quantized.dtype == floats.dtype == torch.float32 and quantized.stride() == floats.stride()
-                and len(picks) * quantized[0].numel() >= fused.FUSED_MIN_ELEMENTS
-                and fused.rows(quantized) is not None and fused.available()):
+                and fused.applies_to_rows(quantized, floats, len(picks))):
             return None
         threshold = torch.tensor(float(keep_threshold(1.0 - self.drop_prob)))
         return fused.FusedMixedInputQuantize.apply(quantized, floats, picks, self.scale.reshape(()),
