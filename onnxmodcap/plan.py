@@ -176,7 +176,9 @@ def residual_inputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None])
 def unfused_outputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None], planned: set[str]):
     """(tensor, Conv node, 8) for the output of every 8-bit-activation Conv that no QuantizeLinear
     would follow (it feeds an Add, a pooling, ...): ONNX Runtime builds its int8 QLinearConv only
-    from DequantizeLinear -> Conv [-> Relu/Clip] -> QuantizeLinear. Graph outputs stay float."""
+    from DequantizeLinear -> Conv [-> Relu/Clip] -> QuantizeLinear. Graph outputs stay float, and so
+    does a Conv [-> Relu/Clip] read only by layers kept in float: they read float values (export's
+    `read_float_inputs`), so a quantizer there would only add its error to what they read."""
     users = {}
     for node in model.graph.node:
         for name in node.input:
@@ -188,8 +190,10 @@ def unfused_outputs(model: onnx.ModelProto, chosen: dict[str, LayerBits | None],
             continue
         output = node.output[0]
         after = users.get(output, [])
-        through_activation = len(after) == 1 and after[0].op_type in ("Relu", "Clip") and after[0].output[0] in planned
-        if output not in planned and not through_activation:
+        read = after[0].output[0] if len(after) == 1 and after[0].op_type in ("Relu", "Clip") else output
+        readers = users.get(read, [])
+        read_in_float = bool(readers) and all(r.name in chosen and chosen[r.name] is None for r in readers)
+        if read not in planned and not read_in_float:
             yield output, node.name, 8
 
 
