@@ -13,6 +13,7 @@ must have the machine to themselves.
     python tools/bench_real_models.py tensors --models /tmp/real_models --out /tmp/real_bench
     python tools/bench_real_models.py run --models /tmp/real_models --out /tmp/real_bench \\
         --cell ppocrv5_rec:w8a8:rtn --cell ppocrv5_rec:w8a8:ort-minmax ...
+    python tools/bench_real_models.py run ... --cell efficientnet_lite1.legacy:w4a8:qdrop --seed 0 1 2
     python tools/bench_real_models.py render --out /tmp/real_bench
 
 A cell is MODEL:BITS:QUANTIZER with BITS w8a8, w4a8 or w4a4 and QUANTIZER an onnxmodcap method
@@ -27,8 +28,8 @@ $ONNXMODCAP_AIMET_PYTHON, default /tmp/peers/aimet/bin/python); or quark-preset,
 quark-cle-minmax: AMD Quark's ONNX quantizer at W8A8 in its own virtualenv (`tools/peer_quark.py`
 under $ONNXMODCAP_QUARK_PYTHON, default /tmp/peers/quark/bin/python; its docstring says what each
 recipe sets). MODEL:float:noise scores no
-quantizer: the float model on held-out inputs with Gaussian noise of one grey level added, the
-fidelity that the task metric tolerates on these inputs.
+quantizer: the float model on held-out inputs with Gaussian noise of one grey level added (not on a
+text line's padding), the fidelity that the task metric tolerates on these inputs.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class RealModel:
     flags: dict = field(default_factory=dict)  # onnxmodcap preprocessing flags
     batch_size: int = 32
     images: int = CALIB  # calibration images (the detector's pages are fewer and larger)
+    # Text lines padded on the right with 0 (NCHW): input noise falls on the line, not on the padding,
+    # which a deployment fills with exact zeros whatever the camera saw
+    padded: bool = False
 
 
 NSFW_FLAGS = {"layout": "nhwc", "color": "bgr", "resize": "256", "scale": "1", "mean": "104,117,123", "std": "1"}
@@ -72,9 +76,9 @@ MODELS = {
                                            grey_level=1 / 128),
     "open_nsfw": RealModel("open_nsfw.onnx", "classes", "calib", "heldout", grey_level=1.0, flags=NSFW_FLAGS),
     "ppocrv5_cls": RealModel("ppocrv5_cls.onnx", "classes", "ocr_cls_calib.npy", "ocr_cls_heldout.npy",
-                             grey_level=2 / 255),
+                             grey_level=2 / 255, padded=True),
     "ppocrv5_rec": RealModel("ppocrv5_rec.onnx", "rec", "ocr_rec_calib.npy", "ocr_rec_heldout.npy",
-                             grey_level=2 / 255, flags={"input_size": "48x320"}),
+                             grey_level=2 / 255, flags={"input_size": "48x320"}, padded=True),
     "ppocrv5_det": RealModel("ppocrv5_det.onnx", "det", "ocr_det_calib", "ocr_det_heldout",  # ImageNet std, averaged
                              grey_level=1 / (255 * 0.226), flags={"input_size": "640"}, batch_size=4, images=48),
 }
@@ -112,7 +116,8 @@ def timed(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, f
     return completed, float(wall), int(rss_kib) / 1024
 
 
-def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Path, output: Path) -> list[str]:
+def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Path, output: Path,
+                     seed: int = 0) -> list[str]:
     spec = MODELS[name]
     wbits, abits = BITS[bits]
     source, calib = models / spec.file, out / name / "calib.npy"
@@ -136,7 +141,7 @@ def quantize_command(name: str, bits: str, quantizer: str, models: Path, out: Pa
     method, _, target = method.partition("+")
     command = [sys.executable, "-m", "onnxmodcap.cli", "quantize", str(source), "--calib", str(calib), "-o", str(output),
                "--wbits", str(wbits), "--abits", str(abits), "--method", method, "--num-calib", str(spec.images),
-               "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json"))]
+               "--batch-size", str(spec.batch_size), "--report", str(output.with_suffix(".json")), "--seed", str(seed)]
     command += ["--iters", iters] if iters else []
     modifiers = {"reduce-range": ["--reduce-range"], "bias-correction": ["--bias-correction"],
                  "no-bias-correction": ["--no-bias-correction"], "no-dc": ["--no-dc"]}
@@ -258,16 +263,27 @@ def ctc(labels: np.ndarray) -> tuple[int, ...]:
     return tuple(int(label) for label in collapsed if label != 0)
 
 
-def output_path(out: Path, name: str, bits: str, quantizer: str) -> Path:
-    return out / name / f"{bits}.{quantizer.replace('@', '_').replace('/', '_')}.onnx"
+def onnxmodcap_method(quantizer: str) -> bool:
+    return not quantizer.startswith(("ort-", "aimet-", "quark-")) and quantizer != "noise"
 
 
-def heldout_inputs(out: Path, name: str, noisy: bool = False) -> np.ndarray:
-    """The model's held-out inputs; `noisy`: with Gaussian noise of one grey level added (seed 0)."""
+def output_path(out: Path, name: str, bits: str, quantizer: str, seed: int = 0) -> Path:
+    """Where a cell's model goes; a seed other than 0 gets its own file."""
+    stem = f"{bits}.{quantizer.replace('@', '_').replace('/', '_')}" + (f".seed{seed}" if seed else "")
+    return out / name / f"{stem}.onnx"
+
+
+def heldout_inputs(out: Path, name: str, noise: float = 0.0) -> np.ndarray:
+    """The model's held-out inputs, with Gaussian noise of standard deviation `noise` grey levels
+    added (seed 0; the same pattern scaled for every level), not on a text line's padding columns."""
+    spec = MODELS[name]
     heldout = np.load(out / name / "heldout.npy")
-    if noisy:
-        heldout = heldout + np.random.default_rng(0).normal(0, MODELS[name].grey_level, heldout.shape).astype(np.float32)
-    return heldout
+    if not noise:
+        return heldout
+    pattern = np.random.default_rng(0).normal(0, spec.grey_level, heldout.shape).astype(np.float32)
+    if spec.padded:
+        pattern *= np.any(heldout != 0, axis=(1, 2), keepdims=True)
+    return heldout + np.float32(noise) * pattern
 
 
 @functools.cache
@@ -280,16 +296,16 @@ def float_reference(models: Path, out: Path, name: str) -> tuple[np.ndarray, np.
     reference = outputs_of(model, heldout_inputs(out, name), spec.batch_size)
     if spec.task == "det":
         return reference, None
-    noisy = outputs_of(model, heldout_inputs(out, name, noisy=True), spec.batch_size)
+    noisy = outputs_of(model, heldout_inputs(out, name, noise=1.0), spec.batch_size)
     return reference, answers(spec.task, reference) == answers(spec.task, noisy)
 
 
-def score_file(args, name: str, output: Path, noisy: bool = False) -> dict:
-    """The fidelity of model `output` on the held-out inputs (`noisy`: with one grey level of input
-    noise) to the float model on the clean inputs."""
+def score_file(args, name: str, output: Path, noise: float = 0.0) -> dict:
+    """The fidelity of model `output` on the held-out inputs (with `noise` grey levels of input noise)
+    to the float model on the clean inputs."""
     spec = MODELS[name]
     reference, stable = float_reference(args.models, args.out, name)
-    quantized = outputs_of(output, heldout_inputs(args.out, name, noisy), spec.batch_size)
+    quantized = outputs_of(output, heldout_inputs(args.out, name, noise), spec.batch_size)
     return scores(spec.task, reference, quantized, stable)
 
 
@@ -298,13 +314,13 @@ def rescore(args) -> None:
     cell's latest record is scored again: the file on disk is the latest run's."""
     path = args.out / "results.jsonl"
     records = [json.loads(line) for line in open(path)]
-    latest = {(r["model"], r["bits"], r["quantizer"]): r for r in records}.values()
+    latest = {record_key(r): r for r in records}.values()
     for record in latest:
-        output = output_path(args.out, record["model"], record["bits"], record["quantizer"])
+        output = output_path(args.out, record["model"], record["bits"], record["quantizer"], record.get("seed", 0))
         if record["model"] not in (args.model or MODELS) or "error" in record:
             continue
         if record["quantizer"] == "noise":
-            record |= score_file(args, record["model"], args.models / MODELS[record["model"]].file, noisy=True)
+            record |= score_file(args, record["model"], args.models / MODELS[record["model"]].file, noise=1.0)
         elif output.exists():
             record |= score_file(args, record["model"], output)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -313,12 +329,12 @@ def rescore(args) -> None:
 def noise_cell(args, name: str) -> dict:
     """The float model's fidelity to itself when every held-out input gets Gaussian noise of one grey
     level (seed 0): what the task metric tolerates on these inputs."""
-    return {"wall_s": 0, "peak_rss_mib": 0, **score_file(args, name, args.models / MODELS[name].file, noisy=True)}
+    return {"wall_s": 0, "peak_rss_mib": 0, **score_file(args, name, args.models / MODELS[name].file, noise=1.0)}
 
 
-def quantize_cell(args, name: str, bits: str, quantizer: str) -> dict:
-    output = output_path(args.out, name, bits, quantizer)
-    command = quantize_command(name, bits, quantizer, args.models, args.out, output)
+def quantize_cell(args, name: str, bits: str, quantizer: str, seed: int) -> dict:
+    output = output_path(args.out, name, bits, quantizer, seed)
+    command = quantize_command(name, bits, quantizer, args.models, args.out, output, seed)
     completed, wall, rss = timed(command, {**os.environ, "TQDM_DISABLE": "1"})
     record = {"wall_s": wall, "peak_rss_mib": round(rss)}
     if completed.returncode != 0:
@@ -335,17 +351,26 @@ def run(args) -> None:
     def measure(cell: dict, seed: int) -> dict:
         if cell["quantizer"] == "noise":
             return noise_cell(args, cell["model"])
-        return quantize_cell(args, cell["model"], cell["bits"], cell["quantizer"])
+        return quantize_cell(args, cell["model"], cell["bits"], cell["quantizer"], seed)
 
     cells = [parse_cell(text, ("model", "bits", "quantizer")) for text in args.cell]
-    run_cells(cells, [0], args.out / "results.jsonl", measure)
+    for cell in cells:
+        if any(args.seed) and not onnxmodcap_method(cell["quantizer"]):
+            sys.exit(f"error: {cell['quantizer']}: --seed applies to onnxmodcap's methods only")
+    run_cells(cells, args.seed, args.out / "results.jsonl", measure)
+
+
+def record_key(record: dict) -> tuple:
+    """A cell and seed: the latest record of each is the one rendered and rescored."""
+    return record["model"], record["bits"], record["quantizer"], record.get("seed", 0)
 
 
 def render(args) -> None:
     records = read_records([args.out / "results.jsonl"], failed=True)
-    latest = {(r["model"], r["bits"], r["quantizer"]): r for r in records}
+    latest = {record_key(r): r for r in records}
     rows = []
-    for (model, bits, quantizer), r in sorted(latest.items()):
+    for (model, bits, quantizer, seed), r in sorted(latest.items()):
+        quantizer += f" seed {seed}" if seed else ""
         if "error" in r:
             fidelity, sqnr = f"failed: {r['error']}", ""
         elif "top1_agreement" in r:
@@ -381,6 +406,9 @@ def main() -> None:
     for sub in (tensors, again):
         sub.add_argument("--model", action="append", choices=sorted(MODELS), help="default: every model")
     cells.add_argument("--cell", action="append", required=True, help="MODEL:BITS:QUANTIZER (repeatable)")
+    cells.add_argument("--seed", type=int, nargs="+", default=[0],
+                       help="onnxmodcap's --seed, each cell once per seed (default: 0); a seed other than 0 "
+                            "writes BITS.QUANTIZER.seedN.onnx")
     ort_run = commands.add_parser("ort", help=argparse.SUPPRESS)
     for flag in ("--model", "--calib", "--output", "--method"):
         ort_run.add_argument(flag, required=True)
