@@ -52,15 +52,18 @@ def margins(task: str, reference: np.ndarray) -> np.ndarray:
     return margin if task == "classes" else margin.min(axis=1)
 
 
+def written_file(args, name: str) -> Path:
+    """A model the benchmark wrote, named BITS.QUANTIZER (BITS.QUANTIZER.seedN for another seed)."""
+    return args.out / args.model / f"{name}.onnx"
+
+
 def margin_rows(args, spec: bench.RealModel, reference: np.ndarray) -> list[list]:
     margin = margins(spec.task, reference)
     bins = np.digitize(margin, MARGIN_BINS[1:-1])
     expected = bench.answers(spec.task, reference)
-    agree = {}
-    for name in args.files:
-        path = args.out / args.model / f"{name}.onnx"
-        outputs = bench.outputs_of(path, bench.heldout_inputs(args.out, args.model), spec.batch_size)
-        agree[name] = bench.answers(spec.task, outputs) == expected
+    heldout = bench.heldout_inputs(args.out, args.model)
+    agree = {name: bench.answers(spec.task, bench.outputs_of(written_file(args, name), heldout, spec.batch_size))
+             == expected for name in args.files}
     rows = []
     for index, (low, high) in enumerate(zip(MARGIN_BINS, MARGIN_BINS[1:])):
         inside = bins == index
@@ -81,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = bench.MODELS[args.model]
-    missing = [name for name in args.files if not (args.out / args.model / f"{name}.onnx").exists()]
+    missing = [name for name in args.files if not written_file(args, name).exists()]
     if missing:
         parser.error(f"no {', '.join(missing)} in {args.out / args.model}: run its benchmark cell first")
     reference, _ = bench.float_reference(args.models, args.out, args.model)
